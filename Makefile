@@ -1,0 +1,37 @@
+# The two commands for a fresh machine are `make demo` and `make test`; both create .venv first.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# The CPU build where no GPU is present; set TORCH_SPEC to choose another build or version.
+TORCH_SPEC ?= torch==2.13.0
+REFERENCE_STEPS ?= 3200
+
+.PHONY: venv demo test reference-model benchmark clean
+
+$(BIN)/ctxmem: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/pip install --quiet -e ".[dev]"
+	touch $@
+
+venv: $(BIN)/ctxmem
+
+demo: venv
+	HF_HUB_OFFLINE=1 $(BIN)/ctxmem demo
+
+test: venv
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest
+
+# Retrain the bundled reference model (about 80 minutes on 2 CPU cores) and rewrite its card.
+reference-model: venv
+	$(BIN)/python scripts/train_reference_model.py --out build/reference --steps $(REFERENCE_STEPS)
+	$(BIN)/python scripts/write_model_card.py --model build/reference
+	mkdir -p ctxmem/reference/model
+	cp build/reference/* ctxmem/reference/model/
+
+benchmark: venv
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/load_time.py
+
+clean:
+	rm -rf $(VENV) build

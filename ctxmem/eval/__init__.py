@@ -1,0 +1,1 @@
+"""Measurements of models: in-context checks of the reference model."""
