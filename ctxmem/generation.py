@@ -1,7 +1,7 @@
 """Text generation with a plain transformers cache, and a chat turn that can run a toy tool.
 
-NOTE: this path keeps the whole context in a growing cache, so it is limited to the model's
-trained context; the bounded streaming cache replaces it for long conversations.
+NOTE: this path keeps the whole context in a growing cache, so a conversation cannot outgrow
+the model's trained context. The bounded streaming cache is meant to replace it.
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ def chat_turn_with_tools(
     tools: list[dict],
     run_tool: Callable[[str, dict], str],
 ) -> list[dict]:
-    """Answer the last user message, running one tool call if the model makes one.
+    """Generate the reply to the last user message, running one tool call if the model makes one.
 
     Returns the messages this turn added: either one assistant reply, or the tool call, the
     tool's result and the assistant's answer.

@@ -68,7 +68,7 @@ def start_embedded(db_path: Path | None = None) -> redis.Redis:
 def connect(url: str | None = None) -> redis.Redis:
     """Return a binary-safe Redis client for `url`, $CTXMEM_REDIS_URL, or the embedded server.
 
-    Raises ConnectionError naming the URL when the server does not answer.
+    Raises ConnectionError naming the URL when the server does not respond to PING.
     """
     url = url or os.environ.get(REDIS_URL_ENV)
     if url is None:
