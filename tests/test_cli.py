@@ -1,0 +1,59 @@
+"""The ctxmem command line, run as a user runs it: a separate process, output parsed."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REDIS_URL
+
+CTXMEM = [str(Path(sys.executable).parent / "ctxmem")]
+
+
+def run(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(CTXMEM + list(args), capture_output=True, text=True, timeout=300, env=env)
+
+
+def test_info_json_describes_reference():
+    result = run("info", "--json")
+    assert result.returncode == 0, result.stderr
+    info = json.loads(result.stdout)
+    assert info["model_type"] == "llama"
+    assert info["kv_heads"] < info["attention_heads"]
+    assert info["max_position_embeddings"] == 256
+
+
+def test_generate_is_deterministic_at_temperature_zero():
+    first = run("generate", "--prompt", "ROMEO:", "--max-new-tokens", "12", "--json")
+    second = run("generate", "--prompt", "ROMEO:", "--max-new-tokens", "12", "--json")
+    assert first.returncode == 0, first.stderr
+    assert json.loads(first.stdout)["completion"] == json.loads(second.stdout)["completion"]
+    assert 1 <= json.loads(first.stdout)["new_tokens"] <= 12
+
+
+def test_demo_runs_tool_and_pass_key():
+    result = run("demo", "--redis-url", REDIS_URL, "--json")
+    assert result.returncode == 0, result.stderr
+    demo = json.loads(result.stdout)
+    roles = [message["role"] for message in demo["chat"]]
+    assert roles == ["user", "assistant", "tool", "assistant"]
+    assert demo["chat"][1]["text"].startswith("calls calculator(")
+    assert demo["chat"][2]["text"] == "84"
+    assert demo["pass_key"]["correct"]
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["info", "--model", "/no/such/model"], "'/no/such/model' not found"),
+    (["info", "--dtype", "float64"], "unsupported dtype 'float64'"),
+    (["generate", "--prompt", "x", "--max-new-tokens", "0"], "invalid max_new_tokens 0"),
+    (["demo", "--redis-url", "http://127.0.0.1:6379"], "invalid Redis URL 'http://127.0.0.1:6379'"),
+])
+def test_bad_input_one_line_exit_2(args, fragment):
+    result = run(*args)
+    assert result.returncode == 2
+    assert fragment in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
