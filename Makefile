@@ -2,15 +2,19 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-# The CPU build where no GPU is present; set TORCH_SPEC to choose another build or version.
+# torch is installed first, so that no later requirement pulls another build. On Linux, PyPI's
+# torch==2.13.0 is a CUDA build; for the CPU build elsewhere, set
+# TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu". Run `make clean` after
+# changing either, because an existing .venv is kept.
 TORCH_SPEC ?= torch==2.13.0
+TORCH_PIP_ARGS ?=
 
 .PHONY: venv demo test reference-model benchmark clean
 
 $(BIN)/ctxmem: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/pip install --quiet $(TORCH_PIP_ARGS) "$(TORCH_SPEC)"
 	$(BIN)/pip install --quiet -e ".[dev]"
 	touch $@
 

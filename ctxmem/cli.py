@@ -46,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="log debug messages")
     parser.add_argument("--model", default="reference", help="'reference', a local folder or a hub id")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
@@ -79,9 +80,10 @@ def run_info(args: argparse.Namespace, console: Console) -> None:
 
 
 def run_generate(args: argparse.Namespace, console: Console) -> None:
-    from ctxmem.generation import generate_ids
+    from ctxmem.generation import check_sampling, generate_ids
     from ctxmem.model import load_model
 
+    check_sampling(args.max_new_tokens, args.temperature, args.top_p)
     model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)
     prompt_ids = tokenizer.encode(args.prompt)
     ids = generate_ids(model, prompt_ids, args.max_new_tokens, args.temperature, args.top_p, args.seed)

@@ -17,6 +17,15 @@ from ctxmem.reference.synthetic import parse_tool_call
 logger = logging.getLogger(__name__)
 
 
+def check_sampling(max_new_tokens: int, temperature: float, top_p: float) -> None:
+    """Raise ValueError for a generation setting out of range, naming the value."""
+    if max_new_tokens < 1:
+        raise ValueError(f"invalid max_new_tokens {max_new_tokens}; use 1 or more")
+    if temperature < 0 or not 0 < top_p <= 1:
+        raise ValueError(f"invalid sampling settings temperature={temperature}, top_p={top_p}; "
+                         "use temperature >= 0 and 0 < top_p <= 1")
+
+
 @torch.no_grad()
 def generate_ids(
     model: PreTrainedModel,
@@ -28,11 +37,7 @@ def generate_ids(
     stop_id: int | None = None,
 ) -> list[int]:
     """Return the new token ids after `prompt_ids`: greedy at temperature 0, else seeded sampling."""
-    if max_new_tokens < 1:
-        raise ValueError(f"invalid max_new_tokens {max_new_tokens}; use 1 or more")
-    if temperature < 0 or not 0 < top_p <= 1:
-        raise ValueError(f"invalid sampling settings temperature={temperature}, top_p={top_p}; "
-                         "use temperature >= 0 and 0 < top_p <= 1")
+    check_sampling(max_new_tokens, temperature, top_p)
     torch.manual_seed(seed)
     sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}
     output = model.generate(

@@ -95,15 +95,15 @@ def load_model(
     (which needs network access). Raises UnsupportedModelError for a model that is not a
     decoder-only causal LM with RoPE.
     """
-    source = resolve_source(name_or_path)
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
+    source = resolve_source(name_or_path)
 
     try:
         config = AutoConfig.from_pretrained(source)
     except OSError as error:
         raise FileNotFoundError(
-            f"cannot load model {source!r}: {error}; check the hub id and network access "
+            f"cannot load model {source!r}: {str(error).strip().rstrip('.')}; check the hub id and network access "
             "(HF_HUB_OFFLINE=1 allows only cached models), or pass a local folder"
         ) from error
     check_supported(config)

