@@ -90,7 +90,7 @@ class StreamingCache(Cache):
     """The per-session cache: one StreamingLayer per decoder layer, sharing one layout.
 
     `pinned` is the number of leading entries never evicted (the sinks, or the whole system
-    message); eviction takes whole `chunk`-sized blocks from the window after them.
+    message). Eviction takes whole `chunk`-sized blocks from the window after them.
     """
 
     def __init__(self, num_layers: int, capacity: int, pinned: int, chunk: int, spec: RotarySpec):

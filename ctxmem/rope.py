@@ -31,7 +31,7 @@ INTERLEAVED_LAYOUT_MODEL_TYPES = frozenset({"gptj", "codegen"})
 
 @dataclass(frozen=True)
 class RotarySpec:
-    """How a model rotates keys: inverse frequencies, rotated dimensions and pairing layout."""
+    """The rotation a model applies to keys: inverse frequencies, head size and pairing layout."""
 
     inv_freq: torch.Tensor  # [rotary_dim / 2], float32
     head_dim: int
@@ -85,8 +85,8 @@ def _join(first: torch.Tensor, second: torch.Tensor, layout: str) -> torch.Tenso
 def rotate(keys: torch.Tensor, positions: torch.Tensor, spec: RotarySpec) -> torch.Tensor:
     """Rotate `keys` [batch, kv_heads, seq, head_dim] by `positions` [seq] (may be negative).
 
-    Rotating by p applies RoPE at position p to a raw key; rotating by -p removes it; rotating a
-    RoPE key by delta moves it from p to p + delta. Computed in float32, returned in keys.dtype.
+    Rotating by p applies RoPE at position p to a raw key, and rotating by -p removes it. Rotating
+    a RoPE key by delta moves it from p to p + delta. Computed in float32, returned in keys.dtype.
     """
     rotary_dim = spec.rotary_dim
     angles = positions.to(device=keys.device, dtype=torch.float32)[:, None] * spec.inv_freq.to(keys.device)
@@ -103,9 +103,9 @@ def rotate(keys: torch.Tensor, positions: torch.Tensor, spec: RotarySpec) -> tor
 def implied_positions(keys: torch.Tensor, raw_keys: torch.Tensor, spec: RotarySpec) -> torch.Tensor:
     """Return the position each RoPE key in `keys` encodes, read from its first frequency pair.
 
-    `raw_keys` are the same keys before RoPE. The first pair turns by exactly one radian per
-    position (inv_freq[0] is 1 for every standard RoPE), so the angle gives the position modulo
-    2 pi; positions are therefore exact only below 2 pi / inv_freq[0], about 6 for inv_freq 1.
+    `raw_keys` are the same keys before RoPE. The first pair turns by inv_freq[0] radians per
+    position (1 for standard RoPE), so the angle gives the position modulo 2 pi / inv_freq[0].
+    Positions are therefore exact only below that bound, about 6 for inv_freq 1.
     NOTE: this is a test helper; use it with keys whose positions are known to be small, or
     compare against the expected angle instead.
     """
