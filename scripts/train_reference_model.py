@@ -38,6 +38,7 @@ import torch
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from ctxmem.eval import reference_checks as checks
 from ctxmem.reference import corpus, synthetic
 from ctxmem.reference.chat_template import CHAT_TEMPLATE
 
@@ -67,7 +68,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--heads", type=int, default=6)
     parser.add_argument("--kv-heads", type=int, default=2)
     parser.add_argument("--intermediate-size", type=int, default=1536)
-    parser.add_argument("--max-copy-steps", type=int, default=1500, help="longest copy-only phase, in steps")
+    parser.add_argument("--max-copy-steps", type=int, default=1500, help="maximum length of the copy-only phase, in steps")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--log-every", type=int, default=50)
     parser.add_argument("--save-every", type=int, default=500)
@@ -176,27 +177,6 @@ class MixSampler:
         return torch.tensor(rows, dtype=torch.long), kinds  # [batch, context]
 
 
-def repeat_probe(tokenizer, context: int, seed: int, count: int = 16, span: int = 40) -> torch.Tensor:
-    """Return a fixed batch of BOS + a random `span`-token sequence + the same sequence again."""
-    rng = random.Random(seed)
-    low, high = len(SPECIAL_TOKENS), len(tokenizer) - len(TOOL_TAGS)
-    rows = []
-    for _ in range(count):
-        seq = [rng.randrange(low, high) for _ in range(span)]
-        rows.append([tokenizer.bos_token_id] + seq + seq)
-    return torch.tensor(rows, dtype=torch.long)  # [count, 1 + 2 * span]
-
-
-@torch.no_grad()
-def repeat_loss_ratio(model, probe: torch.Tensor, span: int = 40) -> float:
-    """Loss on the second copy of a random span divided by the loss on the first copy."""
-    logits = model(probe).logits[:, :-1]  # [count, seq - 1, vocab]
-    losses = torch.nn.functional.cross_entropy(logits.transpose(1, 2), probe[:, 1:], reduction="none")
-    first = losses[:, 1:span].mean()  # predicting tokens 2..span of the first copy
-    second = losses[:, span + 1:2 * span].mean()
-    return (second / first).item()
-
-
 def lr_at(step: int, steps: int, peak: float, warmup: int = 100) -> float:
     if step < warmup:
         return peak * (step + 1) / warmup
@@ -240,7 +220,6 @@ def train(args: argparse.Namespace) -> None:
     logger.info("model: %.2f M parameters", parameters / 1e6)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
     sampler = MixSampler(tokenizer, play_ids, args.context, rng, args.steps)
-    probe = repeat_probe(tokenizer, args.context, seed=args.seed + 2)
     history = []
     args.out.mkdir(parents=True, exist_ok=True)
 
@@ -256,7 +235,7 @@ def train(args: argparse.Namespace) -> None:
 
         if step % args.log_every == 0 or step == args.steps - 1:
             model.eval()
-            ratio = repeat_loss_ratio(model, probe)
+            ratio = checks.repeat_loss_ratio(model, tokenizer, span=40, count=16, seed=args.seed + 2)
             model.train()
             elapsed = time.time() - started
             history.append({"step": step, "loss": round(loss.item(), 4), "repeat_loss_ratio": round(ratio, 4),

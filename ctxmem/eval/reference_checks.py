@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from ctxmem.generation import generate_ids
 from ctxmem.reference import synthetic
 
 Model = PreTrainedModel
@@ -42,20 +43,6 @@ def perplexity(model: Model, tokenizer: Tokenizer, text: str, context: int = 256
     return float(torch.exp(torch.tensor(total_loss / total_tokens)))
 
 
-@torch.no_grad()
-def greedy_continuation(model: Model, prompt_ids: list[int], max_new_tokens: int, stop_id: int | None = None) -> list[int]:
-    """Return up to `max_new_tokens` greedily decoded token ids after `prompt_ids`."""
-    output = model.generate(
-        torch.tensor([prompt_ids], device=model.device),
-        attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long, device=model.device),
-        max_new_tokens=max_new_tokens,
-        do_sample=False,
-        eos_token_id=stop_id,
-        pad_token_id=stop_id,
-    )
-    return output[0, len(prompt_ids):].tolist()
-
-
 def pass_key_prompt(tokenizer: Tokenizer, key: str, filler_ids: list[int]) -> list[int]:
     """Return BOS + statement + filler + question as token ids (the answer follows)."""
     statement = tokenizer.encode(synthetic.PASS_KEY_STATEMENT.format(key=key), add_special_tokens=False)
@@ -77,18 +64,18 @@ def pass_key_accuracy(
 
     for _ in range(count):
         key = synthetic.pass_key(rng)
-        room = context - len(pass_key_prompt(tokenizer, key, [])) - 8  # 8: answer tokens
+        room = context - len(pass_key_prompt(tokenizer, key, [])) - 8  # 8 tokens for the reply
         length = rng.randrange(0, room + 1)
         start = rng.randrange(len(filler_ids) - length)
         prompt = pass_key_prompt(tokenizer, key, filler_ids[start:start + length])
-        answer = tokenizer.decode(greedy_continuation(model, prompt, max_new_tokens=7))
+        answer = tokenizer.decode(generate_ids(model, prompt, max_new_tokens=7))
         correct += answer.strip().startswith(key)
 
     return correct / count
 
 
 def tool_call_accuracy(model: Model, tokenizer: Tokenizer, count: int = 50, seed: int = 1_000_003) -> float:
-    """Return the share of held-out tool requests answered with a JSON call to the right tool.
+    """Return the share of held-out tool requests whose reply is a JSON call to the right tool.
 
     The prompts come from a seed that training never uses; the greedy reply must contain
     `<tool_call>{...}</tool_call>` that parses as JSON and names the expected tool.
@@ -101,7 +88,7 @@ def tool_call_accuracy(model: Model, tokenizer: Tokenizer, count: int = 50, seed
         prompt = tokenizer.apply_chat_template(
             messages, tools=tools, add_generation_prompt=True, tokenize=True, return_dict=False
         )
-        reply = tokenizer.decode(greedy_continuation(model, prompt, 48, stop_id=tokenizer.eos_token_id))
+        reply = tokenizer.decode(generate_ids(model, prompt, 48, stop_id=tokenizer.eos_token_id))
         call = synthetic.parse_tool_call(reply)
         correct += call is not None and call.get("name") == task.tool
 
