@@ -7,11 +7,10 @@ Layout of every layer's buffer, `capacity` entries long:
 Invariant: every cached key is rotated to its own index in the buffer, and new tokens take the
 next indices, so RoPE positions stay in [0, capacity) however long the stream runs. When the
 next input would overflow, whole chunks leave the oldest end of the window and the keys after
-them are re-rotated back by the number of evicted tokens (StreamingLLM, Xiao et al. 2023,
-"Efficient Streaming Language Models with Attention Sinks").
+them are re-rotated back by the number of evicted tokens (the StreamingLLM scheme).
 
-NOTE: the landmark slots are reserved in the layout and the budget, but nothing fills them yet,
-so `landmark_slots` must be 0 for now.
+NOTE: landmark slots are not built yet. Today the buffer is [pinned | window], where the pinned
+part is the first `pinned` entries.
 """
 
 from __future__ import annotations

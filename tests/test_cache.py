@@ -21,16 +21,16 @@ def one_layer_model(name: str):
 @torch.no_grad()
 def stream(model, ids: list[int], cache: StreamingCache, piece: int) -> tuple[torch.Tensor, list[int]]:
     """Feed `ids` in pieces; return the last logits and the token ids the cache keeps, in order."""
-    kept: list[int] = []
+    kept_ids: list[int] = []
     logits = None
     for start in range(0, len(ids), piece):
         chunk = ids[start:start + piece]
         evicted = cache.make_room(len(chunk))
-        del kept[cache.pinned:cache.pinned + evicted]
+        del kept_ids[cache.pinned:cache.pinned + evicted]
         positions = cache.positions(len(chunk))
         logits = model(torch.tensor([chunk]), cache=cache, position_ids=positions, use_cache=True).logits
-        kept += chunk
-    return logits[0, -1], kept
+        kept_ids += chunk
+    return logits[0, -1], kept_ids
 
 
 @pytest.mark.parametrize("name", sorted(TINY_CONFIGS))
@@ -40,11 +40,11 @@ def test_one_layer_matches_fresh_forward(name, piece):
     cache = StreamingCache(num_layers=1, capacity=40, pinned=4, chunk=8, spec=rotary_spec(model))
     ids = torch.randint(10, 3000, (150,), generator=torch.Generator().manual_seed(1)).tolist()
 
-    last_logits, kept = stream(model, ids, cache, piece)
-    fresh = model(torch.tensor([kept])).logits[0, -1]
+    last_logits, kept_ids = stream(model, ids, cache, piece)
+    fresh = model(torch.tensor([kept_ids])).logits[0, -1]
 
     assert cache.evicted_tokens > 0
-    assert cache.length == len(kept) <= cache.capacity
+    assert cache.length == len(kept_ids) <= cache.capacity
     assert torch.allclose(last_logits, fresh, atol=1e-4), (last_logits - fresh).abs().max()
 
 

@@ -1,4 +1,4 @@
-"""The reference model does what its model card says, inside its 256-token context."""
+"""The reference model matches its model card inside its 256-token context."""
 
 from __future__ import annotations
 
