@@ -1,16 +1,15 @@
-"""A bounded KV cache for transformers decoder models: attention sinks plus a sliding window.
+"""A bounded KV cache for transformers decoder models: attention sinks, landmark slots, a window.
 
-Layout of every layer's buffer, `capacity` entries long:
+Layout of every layer's buffer, `capacity = pinned + landmark_slots + window` entries long:
 
-    [ sinks | landmark slots | window ]
+    [ pinned (sinks or the system message) | landmark slots | window ]
 
 Invariant: every cached key is rotated to its own index in the buffer, and new tokens take the
 next indices, so RoPE positions stay in [0, capacity) however long the stream runs. When the
-next input would overflow, whole chunks leave the oldest end of the window and the keys after
-them are re-rotated back by the number of evicted tokens (the StreamingLLM scheme).
-
-NOTE: landmark slots are not built yet. Today the buffer is [pinned | window], where the pinned
-part is the first `pinned` entries.
+next input would overflow the window, whole chunks leave its oldest end and the keys after them
+are re-rotated back by the number of evicted tokens (the StreamingLLM scheme, arXiv 2309.17453).
+Landmark entries arrive un-rotated and are rotated to their slot index when placed; placing
+more or fewer of them moves the window, re-rotated by the change.
 """
 
 from __future__ import annotations
@@ -33,6 +32,7 @@ class StreamingLayer(CacheLayerMixin):
     """
 
     is_sliding = False
+    is_compileable = False
     is_croppable = False
 
     def __init__(self, capacity: int):
@@ -42,7 +42,7 @@ class StreamingLayer(CacheLayerMixin):
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         batch, kv_heads, _, head_dim = key_states.shape
-        self.device = key_states.device
+        self.dtype, self.device = key_states.dtype, key_states.device
         self.keys = key_states.new_zeros(batch, kv_heads, self.capacity, head_dim)
         self.values = value_states.new_zeros(batch, kv_heads, self.capacity, value_states.shape[-1])
         self.is_initialized = True
@@ -54,7 +54,7 @@ class StreamingLayer(CacheLayerMixin):
         if self.length + count > self.capacity:
             raise RuntimeError(
                 f"cache overflow: {self.length} entries + {count} new > capacity {self.capacity}; "
-                "evict before feeding (StreamingCache.make_room)"
+                "call StreamingCache.make_room before each forward"
             )
         self.keys[:, :, self.length:self.length + count] = key_states
         self.values[:, :, self.length:self.length + count] = value_states
@@ -73,62 +73,121 @@ class StreamingLayer(CacheLayerMixin):
     def reset(self) -> None:
         self.length = 0
 
-    def evict(self, start: int, count: int, spec: RotarySpec) -> None:
-        """Drop entries [start, start + count) and move the later ones down, re-rotated by -count."""
-        end = self.length
-        if count <= 0 or not self.is_initialized:
+    def move(self, start: int, end: int, to: int, spec: RotarySpec) -> None:
+        """Move entries [start, end) to begin at `to`, keys re-rotated by `to - start`."""
+        if not self.is_initialized or end <= start or to == start:
             return
-        moved_keys = self.keys[:, :, start + count:end].clone()  # [batch, kv_heads, moved, head_dim]
-        shift = torch.full((moved_keys.shape[-2],), -count, device=self.device)
-        self.keys[:, :, start:end - count] = rotate(moved_keys, shift, spec)
-        self.values[:, :, start:end - count] = self.values[:, :, start + count:end].clone()
-        self.length = end - count
+        count = end - start
+        shift = torch.full((count,), to - start, device=self.device)
+        moved_keys = rotate(self.keys[:, :, start:end], shift, spec)  # [batch, kv_heads, count, head_dim], a copy
+        moved_values = self.values[:, :, start:end].clone()
+        self.keys[:, :, to:to + count] = moved_keys
+        self.values[:, :, to:to + count] = moved_values
+
+    def write(self, start: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Write `keys`, `values` [batch, kv_heads, n, head_dim] at [start, start + n)."""
+        count = keys.shape[-2]
+        self.keys[:, :, start:start + count] = keys.to(self.dtype)
+        self.values[:, :, start:start + count] = values.to(self.dtype)
 
 
 class StreamingCache(Cache):
     """The per-session cache: one StreamingLayer per decoder layer, sharing one layout.
 
-    `pinned` is the number of leading entries never evicted (the sinks, or the whole system
-    message). Eviction takes whole `chunk`-sized blocks from the window after them.
+    Parameters: `pinned` leading entries are never evicted (the attention sinks, or the whole
+    system message); `landmark_slots` entries after them hold landmarks (empty until placed);
+    the `window` most recent tokens follow. Eviction takes whole `chunk`-token blocks from the
+    oldest end of the window, so a chat template's structure is never split inside the pinned
+    region. `spec` is the model's rotation (see ctxmem.rope.rotary_spec).
     """
 
-    def __init__(self, num_layers: int, capacity: int, pinned: int, chunk: int, spec: RotarySpec):
-        if not 0 <= pinned < capacity:
-            raise ValueError(f"invalid pinned region {pinned} for capacity {capacity}; use 0 <= pinned < capacity")
-        super().__init__(layers=[StreamingLayer(capacity) for _ in range(num_layers)])
-        self.capacity = capacity
-        self.pinned = pinned
-        self.chunk = chunk
+    def __init__(self, num_layers: int, spec: RotarySpec, pinned: int, window: int, chunk: int,
+                 landmark_slots: int = 0):
+        if pinned < 0 or landmark_slots < 0:
+            raise ValueError(f"pinned ({pinned}) and landmark_slots ({landmark_slots}) must be >= 0")
+        if not 1 <= chunk <= window:
+            raise ValueError(f"chunk must be between 1 and the window ({window}), got {chunk}; lower the chunk size")
+        self.capacity = pinned + landmark_slots + window
+        super().__init__(layers=[StreamingLayer(self.capacity) for _ in range(num_layers)])
         self.spec = spec
+        self.pinned = pinned
+        self.landmark_slots = landmark_slots
+        self.window = window
+        self.chunk = chunk
+        self.landmarks = 0  # landmark slots in use
         self.evicted_tokens = 0
         self.eviction_events = 0
 
     @property
     def length(self) -> int:
+        """Entries in use: pinned + landmarks + window tokens."""
         return self.layers[0].length
 
-    def make_room(self, incoming: int) -> int:
-        """Evict whole chunks from the oldest end of the window until `incoming` entries fit.
+    @property
+    def window_start(self) -> int:
+        return self.pinned + self.landmarks
 
-        Returns the number of evicted entries. Raises ValueError if `incoming` cannot fit even
-        with the window empty.
+    @property
+    def window_length(self) -> int:
+        return max(0, self.length - self.window_start)
+
+    def room(self) -> int:
+        """How many tokens the next forward may bring without an eviction."""
+        if self.length < self.pinned:
+            return self.pinned - self.length
+        return self.window - self.window_length
+
+    def make_room(self, incoming: int) -> int:
+        """Evict whole chunks from the oldest end of the window until `incoming` tokens fit.
+
+        Returns the number of evicted tokens. Input that fills the pinned region must not
+        spill into the window in the same forward: feed the pinned tokens first.
         """
-        free = self.capacity - self.length
-        if incoming <= free:
+        if self.length < self.pinned:
+            if incoming > self.pinned - self.length:
+                raise ValueError(f"input of {incoming} tokens crosses the end of the pinned region "
+                                 f"({self.pinned - self.length} entries left); feed the pinned tokens alone first")
             return 0
-        window = self.length - self.pinned
-        if incoming > self.capacity - self.pinned:
-            raise ValueError(f"input of {incoming} tokens cannot fit beside {self.pinned} pinned entries "
-                             f"in capacity {self.capacity}; feed it in smaller pieces")
-        chunks = -(-(incoming - free) // self.chunk)  # ceiling division
-        count = min(chunks * self.chunk, window)
-        for layer in self.layers:
-            layer.evict(self.pinned, count, self.spec)
-        self.evicted_tokens += count
-        self.eviction_events += 1
-        logger.debug("evicted %d entries after the %d pinned ones; %d remain", count, self.pinned, self.length)
+        if incoming > self.window:
+            raise ValueError(f"input of {incoming} tokens exceeds the window of {self.window}; "
+                             "feed it in pieces of at most one chunk (ctxmem.stream.Stream.feed does)")
+        overflow = self.window_length + incoming - self.window
+        if overflow <= 0:
+            return 0
+        count = min(-(-overflow // self.chunk) * self.chunk, self.window_length)  # whole chunks
+        self.evict(count)
         return count
 
+    def evict(self, count: int) -> None:
+        """Drop the `count` oldest window tokens; later keys move down, re-rotated by -count."""
+        start, end = self.window_start, self.length
+        for layer in self.layers:
+            layer.move(start + count, end, start, self.spec)
+            layer.length = end - count
+        self.evicted_tokens += count
+        self.eviction_events += 1
+        logger.debug("evicted %d window tokens; %d of %d entries in use", count, self.length, self.capacity)
+
+    def place_landmarks(self, keys: list[torch.Tensor], values: list[torch.Tensor]) -> None:
+        """Replace the landmark entries with `keys`, `values`: per layer [batch, kv_heads, n, head_dim].
+
+        Keys come without RoPE and are rotated to their slot indices pinned..pinned+n-1. The
+        window moves to start right after them, its keys re-rotated by the change.
+        """
+        count = keys[0].shape[-2]
+        if count > self.landmark_slots:
+            raise ValueError(f"{count} landmarks exceed the {self.landmark_slots} landmark slots; "
+                             "select fewer or configure more slots")
+        if self.length < self.pinned:
+            raise ValueError("landmarks can only be placed once the pinned region is full")
+        start, end, shift = self.window_start, self.length, count - self.landmarks
+        slots = torch.arange(self.pinned, self.pinned + count)
+        for layer, layer_keys, layer_values in zip(self.layers, keys, values):
+            layer.move(start, end, start + shift, self.spec)
+            layer.write(self.pinned, rotate(layer_keys, slots, self.spec), layer_values)
+            layer.length = end + shift
+        self.landmarks = count
+
     def positions(self, count: int, device: torch.device | None = None) -> torch.Tensor:
-        """Return the positions of the next `count` tokens: the next indices in the cache [1, count]."""
+        """Return the positions of the next `count` tokens: their indices in the cache [1, count]."""
         return torch.arange(self.length, self.length + count, device=device)[None]

@@ -101,15 +101,22 @@ def rotate(keys: torch.Tensor, positions: torch.Tensor, spec: RotarySpec) -> tor
 
 
 def implied_positions(keys: torch.Tensor, raw_keys: torch.Tensor, spec: RotarySpec) -> torch.Tensor:
-    """Return the position each RoPE key in `keys` encodes, read from its first frequency pair.
+    """Return the position each RoPE key in `keys` [..., seq, head_dim] encodes: [..., seq].
 
-    `raw_keys` are the same keys before RoPE. The first pair turns by inv_freq[0] radians per
-    position (1 for standard RoPE), so the angle gives the position modulo 2 pi / inv_freq[0].
-    Positions are therefore exact only below that bound, about 6 for inv_freq 1.
-    NOTE: this is a test helper; use it with keys whose positions are known to be small, or
-    compare against the expected angle instead.
+    `raw_keys` are the same keys before RoPE. The first frequency pair turns by inv_freq[0]
+    radians per position, so its angle fixes the position exactly but only modulo one turn
+    (about 6.28 positions for standard RoPE). The slowest pair turns less than once over any
+    realistic cache, so it tells which turn the first pair is on.
+    NOTE: exact while position * inv_freq[-1] < 2 pi (about 47,000 positions for head_dim 64
+    and base 10000).
     """
     first, second = _pairs(keys[..., :spec.rotary_dim].float(), spec.layout)
     raw_first, raw_second = _pairs(raw_keys[..., :spec.rotary_dim].float(), spec.layout)
-    angle = torch.atan2(second[..., 0], first[..., 0]) - torch.atan2(raw_second[..., 0], raw_first[..., 0])
-    return torch.remainder(angle, 2 * torch.pi) / spec.inv_freq[0]
+    turn = 2 * torch.pi
+    angles = torch.remainder(torch.atan2(second, first) - torch.atan2(raw_second, raw_first), turn)  # [..., pairs]
+    inv_freq = spec.inv_freq.to(keys.device)
+
+    fine = angles[..., 0] / inv_freq[0]  # exact, modulo one turn of the first pair
+    coarse = angles[..., -1] / inv_freq[-1]  # unambiguous, less precise
+    period = turn / inv_freq[0]
+    return fine + torch.round((coarse - fine) / period) * period

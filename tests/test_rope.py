@@ -55,10 +55,10 @@ def test_rotation_keeps_norms_with_large_factor():
 
 def test_implied_positions_read_back():
     rope = spec(head_dim=16)
-    raw = torch.randn(1, 2, 6, 16)
-    positions = torch.arange(6)
+    raw = torch.randn(1, 2, 300, 16)
+    positions = torch.arange(300)
     implied = implied_positions(rotate(raw, positions, rope), raw, rope)
-    assert torch.allclose(implied, positions.float().expand_as(implied), atol=1e-4)
+    assert torch.allclose(implied, positions.float().expand_as(implied), atol=1e-3)
 
 
 def test_rotate_keeps_dtype():

@@ -1,0 +1,50 @@
+"""Validated settings of the bounded cache, shared by the library, the CLI and the adapters."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+SYSTEM_SINKS = "system"
+
+
+class CacheConfig(BaseModel):
+    """How a session's KV budget is split: sinks, landmark slots and the sliding window.
+
+    `sinks` is a number of leading tokens kept forever (StreamingLLM's attention sinks) or
+    "system" to pin the whole leading system message, so an agent's instructions are never
+    evicted. `window` None takes whatever the model's position range leaves after the sinks
+    and landmark slots. Eviction removes `chunk` tokens at a time.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    sinks: int | Literal["system"] = Field(default=4, description="leading tokens kept forever, or 'system'")
+    window: int | None = Field(default=None, ge=1, description="recent tokens kept; None fills the position range")
+    chunk: int = Field(default=64, ge=1, description="tokens evicted at a time; also the prefill piece size")
+    landmark_slots: int = Field(default=0, ge=0, description="cache entries reserved for landmarks")
+
+    @model_validator(mode="after")
+    def _check(self) -> "CacheConfig":
+        if isinstance(self.sinks, int) and self.sinks < 0:
+            raise ValueError(f"sinks must be >= 0 or 'system', got {self.sinks}")
+        if self.window is not None and self.chunk > self.window:
+            raise ValueError(f"chunk ({self.chunk}) is larger than the window ({self.window}); "
+                             "use a chunk of at most the window size")
+        return self
+
+    def window_for(self, pinned: int, max_positions: int) -> int:
+        """Return the window size for `pinned` pinned tokens in a model of `max_positions` positions.
+
+        Raises ValueError when the cache would need positions beyond the model's range.
+        """
+        window = self.window if self.window is not None else max_positions - pinned - self.landmark_slots
+        capacity = pinned + self.landmark_slots + window
+        if window < self.chunk or capacity > max_positions:
+            raise ValueError(
+                f"cache of {pinned} pinned + {self.landmark_slots} landmark slots + window {window} = {capacity} "
+                f"entries does not fit the model's {max_positions} positions with chunk {self.chunk}; "
+                "use a smaller window, fewer sinks, or a RoPE scaling preset (--rope)"
+            )
+        return window

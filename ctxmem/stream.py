@@ -1,0 +1,169 @@
+"""Feed an unbounded token stream through a model with the bounded cache, and generate from it.
+
+`Stream.feed` prefills in pieces of at most one chunk and never more than the cache has room
+for, evicting a chunk only when the cache is full. Every token therefore sees exactly the
+context it would see if the stream were fed one token at a time, and the memory held is the
+cache capacity plus one piece, whatever the input length.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from transformers import PreTrainedModel
+
+from ctxmem.cache import StreamingCache
+from ctxmem.config import SYSTEM_SINKS, CacheConfig
+from ctxmem.generation import check_sampling
+from ctxmem.rope import rotary_spec
+
+from ctxmem.saturation import Saturation
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class FeedResult:
+    """What one `Stream.feed` call produced.
+
+    `next_logits` [vocab] predicts the token after the input. `nll` [n] holds, when scoring was
+    asked, the negative log-likelihood of each input token that had a prediction (every token
+    but the first of the whole stream).
+    """
+
+    next_logits: torch.Tensor
+    nll: torch.Tensor | None = None
+
+
+class Stream:
+    """One token stream over a model with a StreamingCache: feed, score, generate, saturation.
+
+    With `sinks="system"` the cache is built by `pin(ids)`, which pins exactly those tokens
+    (the rendered system message); otherwise it is built at once with `sinks` pinned tokens.
+    `on_saturation` is called with a Saturation after every feed and every generated token.
+    """
+
+    def __init__(self, model: PreTrainedModel, config: CacheConfig | None = None,
+                 on_saturation: Callable[[Saturation], None] | None = None):
+        self.model = model
+        self.config = config or CacheConfig()
+        self.on_saturation = on_saturation
+        self.spec = rotary_spec(model)
+        self.max_positions = model.config.max_position_embeddings  # TODO(rope presets): max_cache_positions
+        self.tokens_seen = 0
+        self.cache: StreamingCache | None = None
+        self._next_logits: torch.Tensor | None = None  # [vocab]
+        if self.config.sinks != SYSTEM_SINKS:
+            self.cache = self._build_cache(self.config.sinks)
+
+    def _build_cache(self, pinned: int) -> StreamingCache:
+        window = self.config.window_for(pinned, self.max_positions)
+        logger.debug("cache: %d pinned + %d landmark slots + window %d, chunk %d",
+                     pinned, self.config.landmark_slots, window, self.config.chunk)
+        return StreamingCache(self.model.config.num_hidden_layers, self.spec, pinned=pinned, window=window,
+                              chunk=self.config.chunk, landmark_slots=self.config.landmark_slots)
+
+    def pin(self, ids: list[int], score: bool = False) -> FeedResult:
+        """Start the stream with `ids` pinned forever (sinks="system"): the cache is sized here."""
+        if self.cache is not None:
+            raise ValueError(f"the stream already has {self.cache.pinned} pinned tokens; "
+                             "pin() is for sinks='system' and must come first")
+        if not ids:
+            raise ValueError("cannot pin an empty system message; use sinks=4 when there is none")
+        self.cache = self._build_cache(len(ids))
+        return self.feed(ids, score=score)
+
+    @torch.no_grad()
+    def feed(self, ids: list[int], score: bool = False) -> FeedResult:
+        """Encode `ids` into the cache; with `score`, also return each token's loss."""
+        if self.cache is None:
+            raise ValueError("sinks='system' needs the system message first: call pin(ids) before feed")
+        if not ids:
+            raise ValueError("feed() got no tokens")
+        losses = []
+        start = 0
+        while start < len(ids):
+            if self.cache.room() == 0:
+                self.cache.make_room(1)
+            piece = ids[start:start + min(self.cache.room(), self.config.chunk)]
+            logits = self._forward(piece, all_logits=score)  # [piece or 1, vocab]
+            if score:
+                losses.append(self._piece_nll(piece, logits))
+            self._next_logits = logits[-1]
+            start += len(piece)
+
+        self.tokens_seen += len(ids)
+        self._report()
+        return FeedResult(self._next_logits, torch.cat(losses) if score else None)
+
+    def _forward(self, piece: list[int], all_logits: bool) -> torch.Tensor:
+        device = self.model.device
+        output = self.model(
+            input_ids=torch.tensor([piece], device=device),  # [1, piece]
+            cache=self.cache,
+            position_ids=self.cache.positions(len(piece), device=device),  # [1, piece]
+            use_cache=True,
+            logits_to_keep=0 if all_logits else 1,
+        )
+        return output.logits[0]
+
+    def _piece_nll(self, piece: list[int], logits: torch.Tensor) -> torch.Tensor:
+        """Loss of each token of `piece`, predicted by the logits before it: [piece] or [piece - 1]."""
+        if self._next_logits is not None:
+            logits = torch.cat((self._next_logits[None], logits[:-1]))  # [piece, vocab]
+            targets = torch.tensor(piece, device=logits.device)
+        else:
+            logits, targets = logits[:-1], torch.tensor(piece[1:], device=logits.device)
+        return F.cross_entropy(logits.float(), targets, reduction="none").cpu()
+
+    def generate(self, prompt_ids: list[int], max_new_tokens: int = 64, temperature: float = 0.0,
+                 top_p: float = 1.0, seed: int = 0, stop_ids: set[int] | None = None) -> Iterator[int]:
+        """Feed `prompt_ids`, then yield up to `max_new_tokens` new token ids one at a time.
+
+        Greedy at temperature 0, else seeded nucleus sampling. A stop id ends generation and is
+        not yielded; every yielded token is fed back, so the stream continues after it.
+        """
+        check_sampling(max_new_tokens, temperature, top_p)
+        generator = torch.Generator().manual_seed(seed)
+        logits = self.feed(prompt_ids).next_logits if prompt_ids else self._next_logits
+        if logits is None:
+            raise ValueError("generate() needs a prompt or earlier input to continue from")
+        for _ in range(max_new_tokens):
+            token = sample(logits, temperature, top_p, generator)
+            if stop_ids and token in stop_ids:
+                return
+            yield token
+            logits = self.feed([token]).next_logits
+
+    def saturation(self) -> Saturation:
+        cache = self.cache
+        if cache is None:
+            return Saturation(tokens_seen=0, entries_used=0, budget=0, pinned=0, landmarks=0, window_tokens=0,
+                              evicted_tokens=0, eviction_events=0)
+        return Saturation(tokens_seen=self.tokens_seen, entries_used=cache.length, budget=cache.capacity,
+                          pinned=min(cache.pinned, cache.length), landmarks=cache.landmarks,
+                          window_tokens=cache.window_length, evicted_tokens=cache.evicted_tokens,
+                          eviction_events=cache.eviction_events)
+
+    def _report(self) -> None:
+        saturation = self.saturation()
+        logger.debug("saturation %.3f: %d of %d entries, %d tokens seen, %d evicted", saturation.fraction,
+                     saturation.entries_used, saturation.budget, saturation.tokens_seen, saturation.evicted_tokens)
+        if self.on_saturation is not None:
+            self.on_saturation(saturation)
+
+
+def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> int:
+    """Pick the next token from `logits` [vocab]: argmax at temperature 0, else nucleus sampling."""
+    if temperature == 0:
+        return int(logits.argmax())
+    probs = torch.softmax(logits.float().cpu() / temperature, dim=-1)
+    sorted_probs, order = probs.sort(descending=True)
+    keep = sorted_probs.cumsum(-1) - sorted_probs < top_p  # the smallest prefix reaching top_p
+    sorted_probs = sorted_probs * keep
+    choice = torch.multinomial(sorted_probs / sorted_probs.sum(), 1, generator=generator)
+    return int(order[choice])
