@@ -16,6 +16,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Pretra
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
+from ctxmem.rope_scaling import RopeScaling, apply_rope_scaling
+
 logger = logging.getLogger(__name__)
 
 REFERENCE_MODEL_NAME = "reference"
@@ -88,12 +90,14 @@ def load_model(
     name_or_path: str | os.PathLike = REFERENCE_MODEL_NAME,
     device: str | torch.device = "auto",
     dtype: str | torch.dtype = "auto",
+    rope: RopeScaling | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a RoPE causal LM and its tokenizer, in eval mode on `device`.
 
     `name_or_path` is "reference" (the model bundled with ctxmem), a local folder, or a hub id
-    (which needs network access). Raises UnsupportedModelError for a model that is not a
-    decoder-only causal LM with RoPE.
+    (which needs network access). `rope` applies a RoPE scaling preset to the config before the
+    weights load (see ctxmem.rope_scaling). Raises UnsupportedModelError for a model that is not
+    a decoder-only causal LM with RoPE, and ValueError for a preset that the model cannot take.
     """
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
@@ -107,6 +111,8 @@ def load_model(
             "(HF_HUB_OFFLINE=1 allows only cached models), or pass a local folder"
         ) from error
     check_supported(config)
+    if rope is not None:
+        apply_rope_scaling(config, rope)
 
     tokenizer = AutoTokenizer.from_pretrained(source)
     model = AutoModelForCausalLM.from_pretrained(source, config=config, dtype=torch_dtype)
