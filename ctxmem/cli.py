@@ -9,11 +9,18 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Callable
 
 from rich.console import Console
+from rich.progress import Progress, TextColumn
 from rich.table import Table
+
+from ctxmem.config import PERPLEXITY_METHODS
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +45,23 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--seed", type=int, default=0, help="sampling seed")
     generate.add_argument("--json", action="store_true", help="print JSON instead of text")
 
+    run = commands.add_parser("run", help="stream a text file through the model with the bounded cache")
+    run.add_argument("path", help="a UTF-8 text file")
+    _add_model_options(run)
+    _add_cache_options(run)
+    run.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+
+    evaluate = commands.add_parser("eval", help="measure the model on a text")
+    measures = evaluate.add_subparsers(dest="measure", required=True)
+    ppl = measures.add_parser("ppl", help="perplexity of a whole text under one way of holding context")
+    ppl.add_argument("path", help="a UTF-8 text file")
+    ppl.add_argument("--method", default="streaming", choices=PERPLEXITY_METHODS,
+                     help="dense, window (no sinks, absolute positions), streaming, or recompute (the oracle)")
+    ppl.add_argument("--max-tokens", type=int, help="score only the first N tokens")
+    _add_model_options(ppl)
+    _add_cache_options(ppl)
+    ppl.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+
     demo = commands.add_parser("demo", help="run the main job on the reference model")
     _add_model_options(demo)
     demo.add_argument("--redis-url", help="Redis URL (default: $CTXMEM_REDIS_URL, else the embedded server)")
@@ -50,12 +74,57 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="reference", help="'reference', a local folder or a hub id")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
+    parser.add_argument("--rope", default="none", help="RoPE scaling: none, pi, ntk, dynamic-ntk or yarn")
+    parser.add_argument("--rope-factor", type=float, default=None, help="context extension factor for --rope")
+
+
+def _add_cache_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--sinks", type=int, default=4, help="leading tokens kept forever (attention sinks)")
+    parser.add_argument("--window", type=int, default=None, help="recent tokens kept (default: what the model's positions leave)")
+    parser.add_argument("--chunk", type=int, default=64, help="tokens evicted at a time")
+
+
+def _load(args: argparse.Namespace):
+    """Validate the RoPE options, then load the model and tokenizer they name."""
+    from ctxmem.model import load_model
+    from ctxmem.rope_scaling import RopeScaling
+
+    factor = args.rope_factor if args.rope_factor is not None else (1.0 if args.rope == "none" else None)
+    if factor is None:
+        raise ValueError(f"--rope {args.rope} needs --rope-factor F (the context extension, e.g. 4)")
+    rope = RopeScaling(method=args.rope, factor=factor)
+    return load_model(args.model, device=args.device, dtype=args.dtype, rope=rope)
+
+
+def _cache_config(args: argparse.Namespace):
+    from ctxmem.config import CacheConfig
+
+    return CacheConfig(sinks=args.sinks, window=args.window, chunk=args.chunk)
+
+
+def _read_ids(path: str, tokenizer, max_tokens: int | None = None) -> list[int]:
+    """Tokenize a text file, led by BOS as conversations and training sequences are."""
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"text file {path!r} not found; pass the path of a UTF-8 text file")
+    if max_tokens is not None and max_tokens < 2:
+        raise ValueError(f"invalid --max-tokens {max_tokens}; use 2 or more")
+    ids = tokenizer.encode(file.read_text(encoding="utf-8"), add_special_tokens=True)
+    return ids[:max_tokens] if max_tokens else ids
+
+
+@contextmanager
+def _progress(console: Console, total: int, label: str, quiet: bool):
+    """A rich progress bar over `total` tokens (silent for --json); yields an advance(n) callback."""
+    with Progress(*Progress.get_default_columns(), TextColumn("{task.completed} tokens"), console=console,
+                  disable=quiet, transient=True) as progress:
+        task = progress.add_task(label, total=total)
+        yield lambda n: progress.advance(task, n)
 
 
 def run_info(args: argparse.Namespace, console: Console) -> None:
-    from ctxmem.model import load_model
 
-    model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)
+    model, tokenizer = _load(args)
     config = model.config
     fields = {
         "model_type": config.model_type,
@@ -81,10 +150,9 @@ def run_info(args: argparse.Namespace, console: Console) -> None:
 
 def run_generate(args: argparse.Namespace, console: Console) -> None:
     from ctxmem.generation import check_sampling, generate_ids
-    from ctxmem.model import load_model
 
     check_sampling(args.max_new_tokens, args.temperature, args.top_p)
-    model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)
+    model, tokenizer = _load(args)
     prompt_ids = tokenizer.encode(args.prompt)
     ids = generate_ids(model, prompt_ids, args.max_new_tokens, args.temperature, args.top_p, args.seed)
     text = tokenizer.decode(ids)
@@ -110,9 +178,60 @@ def run_demo(args: argparse.Namespace, console: Console) -> None:
                   f"expected {result['pass_key']['expected']}, model answered {result['pass_key']['answer']!r}")
 
 
+def run_run(args: argparse.Namespace, console: Console) -> None:
+    from ctxmem.eval.perplexity import streaming_nll
+    from ctxmem.stream import Stream
+
+    config = _cache_config(args)
+    model, tokenizer = _load(args)
+    ids = _read_ids(args.path, tokenizer)
+    peak = 0
+
+    def track(saturation) -> None:
+        nonlocal peak
+        peak = max(peak, saturation.entries_used)
+
+    stream = Stream(model, config, on_saturation=track)
+    started = time.perf_counter()
+    with _progress(console, len(ids), f"streaming {Path(args.path).name}", args.json) as advance:
+        nll = streaming_nll(model, ids, config, advance, stream=stream)
+    saturation = stream.saturation()
+    summary = {
+        "model": args.model, "tokens": len(ids), "perplexity": math.exp(nll.mean().item()),
+        "cache_budget": saturation.budget, "cache_entries_max": peak, "evicted_tokens": saturation.evicted_tokens,
+        "saturation": saturation.model_dump(), "seconds": round(time.perf_counter() - started, 3),
+    }
+    if args.json:
+        console.print_json(json.dumps(summary))
+        return
+    table = Table("field", "value", title=f"streamed {args.path}")
+    for key, value in summary.items():
+        table.add_row(key, f"{value:.3f}" if isinstance(value, float) else str(value))
+    console.print(table)
+
+
+def run_eval(args: argparse.Namespace, console: Console) -> None:
+    from ctxmem.eval.perplexity import evaluate
+
+    config = _cache_config(args)
+    model, tokenizer = _load(args)
+    ids = _read_ids(args.path, tokenizer, args.max_tokens)
+    with _progress(console, len(ids), f"{args.method} perplexity", args.json) as advance:
+        result = evaluate(model, ids, args.method, config, progress=advance)
+    if args.json:
+        console.print_json(result.model_dump_json())
+        return
+    table = Table("tokens", "perplexity", title=f"{args.method}: perplexity {result.perplexity:.2f} over {result.tokens} tokens")
+    for bucket in result.buckets:
+        table.add_row(f"{bucket.start}-{bucket.end}", f"{bucket.perplexity:.2f}")
+    console.print(table)
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace, Console], None]] = {
     "info": run_info,
     "generate": run_generate,
+    "run": run_run,
+    "eval": run_eval,
     "demo": run_demo,
 }
 

@@ -20,6 +20,7 @@ from ctxmem.cache import StreamingCache
 from ctxmem.config import SYSTEM_SINKS, CacheConfig
 from ctxmem.generation import check_sampling
 from ctxmem.rope import rotary_spec
+from ctxmem.rope_scaling import max_cache_positions
 
 from ctxmem.saturation import Saturation
 
@@ -53,7 +54,7 @@ class Stream:
         self.config = config or CacheConfig()
         self.on_saturation = on_saturation
         self.spec = rotary_spec(model)
-        self.max_positions = model.config.max_position_embeddings  # TODO(rope presets): max_cache_positions
+        self.max_positions = max_cache_positions(model.config)
         self.tokens_seen = 0
         self.cache: StreamingCache | None = None
         self._next_logits: torch.Tensor | None = None  # [vocab]

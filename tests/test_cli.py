@@ -59,3 +59,42 @@ def test_bad_input_one_line_exit_2(args, fragment):
     assert result.returncode == 2
     assert fragment in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.fixture
+def play_file(tmp_path: Path, held_out_text: str) -> Path:
+    path = tmp_path / "play.txt"
+    path.write_text(held_out_text[:12_000], encoding="utf-8")
+    return path
+
+
+def test_run_streams_a_file_past_the_window(play_file):
+    result = run("run", str(play_file), "--window", "124", "--chunk", "32", "--json")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert set(summary) == {"model", "tokens", "perplexity", "cache_budget", "cache_entries_max",
+                            "evicted_tokens", "saturation", "seconds"}
+    assert summary["cache_budget"] == 128 and summary["cache_entries_max"] <= 128
+    assert summary["evicted_tokens"] > summary["tokens"] - 128 - 32
+    assert 10 < summary["perplexity"] < 500
+
+
+def test_eval_ppl_reports_buckets(play_file):
+    result = run("eval", "ppl", str(play_file), "--method", "recompute", "--max-tokens", "1500", "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["method"] == "recompute" and report["tokens"] == 1500
+    assert [(b["start"], b["end"]) for b in report["buckets"]] == [(1, 1025), (1025, 1500)]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["eval", "ppl", "{file}", "--method", "sliding"], "invalid choice: 'sliding'"),
+    (["run", "{file}", "--window", "300"], "does not fit the model's 256 positions"),
+    (["run", "{file}", "--rope", "yarn"], "--rope yarn needs --rope-factor"),
+    (["run", "{file}", "--rope", "spline", "--rope-factor", "2"], "invalid RoPE scaling method 'spline'"),
+    (["run", "missing.txt"], "text file 'missing.txt' not found"),
+])
+def test_stream_commands_reject_bad_input(play_file, args, message):
+    result = run(*[str(play_file) if a == "{file}" else a for a in args])
+    assert result.returncode == 2
+    assert message in result.stderr
