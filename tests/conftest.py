@@ -9,7 +9,7 @@ from typing import Callable, Iterator
 import pytest
 import redis
 import torch
-from transformers import AutoTokenizer, GemmaConfig, LlamaConfig, PhiConfig, Qwen2Config
+from transformers import AutoTokenizer, GemmaConfig, LlamaConfig, MistralConfig, PhiConfig, Qwen2Config
 from transformers import AutoModelForCausalLM
 
 from ctxmem.model import REFERENCE_MODEL_DIR, load_model
@@ -21,6 +21,9 @@ REDIS_URL = "redis://127.0.0.1:6379/0"
 TINY_CONFIGS = {
     "llama-gqa": lambda: LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=3072),
+    "mistral": lambda: MistralConfig(hidden_size=96, intermediate_size=128, num_hidden_layers=2,
+                                     num_attention_heads=3, num_key_value_heads=1, vocab_size=3072,
+                                     sliding_window=None),
     "qwen2": lambda: Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                  num_attention_heads=4, num_key_value_heads=1, vocab_size=3072),
     "gemma-head-dim-48": lambda: GemmaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,

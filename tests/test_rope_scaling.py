@@ -18,7 +18,7 @@ from tests.conftest import TINY_CONFIGS
 
 ARCHITECTURES = sorted(TINY_CONFIGS)
 # Rotary dimension of each tiny config: head_dim, times partial_rotary_factor 0.5 for Phi.
-ROTARY_DIMS = {"llama-gqa": 16, "qwen2": 16, "gemma-head-dim-48": 48, "phi-partial-rotary": 8}
+ROTARY_DIMS = {"llama-gqa": 16, "mistral": 32, "qwen2": 16, "gemma-head-dim-48": 48, "phi-partial-rotary": 8}
 BASE = 10000.0
 FACTOR = 4.0
 YARN_FACTOR = 16.0
