@@ -35,6 +35,8 @@ reference-model: venv
 
 benchmark: venv
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/load_time.py
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/streaming_speed.py
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/streaming_quality.py
 
 clean:
 	rm -rf $(VENV) build
