@@ -1,1 +1,1 @@
-"""Persistence in Redis: connections (this module's `connection`); records and codecs come with the landmark store."""
+"""Persistence in Redis: connection, key schema, tensor codec, records, and the landmark store."""
