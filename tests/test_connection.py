@@ -40,9 +40,13 @@ def test_unreachable_server_named():
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    url = f"redis://127.0.0.1:{port}/0"
-    with pytest.raises(ConnectionError, match=f"cannot reach Redis at '{url}'"):
-        connect(url)
+    with pytest.raises(ConnectionError, match=f"cannot reach Redis at redis://127.0.0.1:{port}/0") as error:
+        connect(f"redis://:secret-pw@127.0.0.1:{port}/0")
+    assert "secret-pw" not in str(error.value)
+
+
+def test_tls_url_described_as_tls():
+    assert describe(redis.Redis.from_url("rediss://:pw@127.0.0.1:6390/2")) == "rediss://127.0.0.1:6390/2"
 
 
 def test_embedded_server_persists_between_starts(tmp_path):

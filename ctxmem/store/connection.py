@@ -79,7 +79,7 @@ def connect(url: str | None = None) -> redis.Redis:
         client.ping()
     except redis.ConnectionError as error:
         raise ConnectionError(
-            f"cannot reach Redis at {url!r}: {error}; start the server or fix {REDIS_URL_ENV}"
+            f"cannot reach Redis at {describe(client)}: {error}; start the server or fix {REDIS_URL_ENV}"
         ) from error
     return client
 
@@ -89,4 +89,5 @@ def describe(client: redis.Redis) -> str:
     kwargs = client.get_connection_kwargs()
     if "path" in kwargs:
         return f"unix://{kwargs['path']}"
-    return f"redis://{kwargs.get('host', '?')}:{kwargs.get('port', '?')}/{kwargs.get('db', 0)}"
+    scheme = "rediss" if issubclass(client.connection_pool.connection_class, redis.SSLConnection) else "redis"
+    return f"{scheme}://{kwargs.get('host', '?')}:{kwargs.get('port', '?')}/{kwargs.get('db', 0)}"
