@@ -81,7 +81,7 @@ def recompute_decode(model, tokens: int) -> list[float]:
 
 
 def child(streamed: int, tokens: int) -> None:
-    """Stream `streamed` tokens, then time decoding; print JSON with the median and peak RSS."""
+    """Stream `streamed` tokens, time decoding, and print JSON with the median and peak RSS."""
     model = make_model()
     times = ctxmem_decode(model, streamed, tokens)
     peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

@@ -159,7 +159,7 @@ class StreamingCache(Cache):
         return count
 
     def evict(self, count: int) -> None:
-        """Drop the `count` oldest window tokens; later keys move down, re-rotated by -count."""
+        """Drop the `count` oldest window tokens and move later keys down, re-rotated by -count."""
         start, end = self.window_start, self.length
         for layer in self.layers:
             layer.move(start + count, end, start, self.spec)

@@ -6,7 +6,7 @@ from pydantic import BaseModel, computed_field
 
 
 class Saturation(BaseModel):
-    """A snapshot of one session's cache use; `fraction` is entries used over the budget."""
+    """A snapshot of one session's cache use. `fraction` is entries used over the budget."""
 
     tokens_seen: int
     entries_used: int

@@ -80,7 +80,7 @@ class Stream:
 
     @torch.no_grad()
     def feed(self, ids: list[int], score: bool = False) -> FeedResult:
-        """Encode `ids` into the cache; with `score`, also return each token's loss."""
+        """Encode `ids` into the cache, and with `score` also return each token's loss."""
         if self.cache is None:
             raise ValueError("sinks='system' needs the system message first: call pin(ids) before feed")
         if not ids:

@@ -62,14 +62,14 @@ class RawKeyLayer(CacheLayerMixin):
 
 
 class RawKeyCache(Cache):
-    """Sinks plus a window of `window` tokens; when full, the oldest `chunk` window tokens go."""
+    """Sinks plus a window of `window` tokens. When it is full, the oldest `chunk` window tokens go."""
 
     def __init__(self, num_layers: int, inv_freq: torch.Tensor, sinks: int, window: int, chunk: int):
         super().__init__(layers=[RawKeyLayer(inv_freq) for _ in range(num_layers)])
         self.sinks, self.window, self.chunk = sinks, window, chunk
 
     def feed_token(self, model, token: int) -> torch.Tensor:
-        """Feed one token, evicting a chunk first when the window is full; return its logits [vocab]."""
+        """Feed one token (evicting a chunk first when the window is full) and return its logits [vocab]."""
         length = self.get_seq_length()
         if length == self.sinks + self.window:
             for layer in self.layers:

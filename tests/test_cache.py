@@ -68,7 +68,8 @@ def test_matches_streamingllm_reference(name, rope):
             expected = reference.feed_token(model, token)
         fed += len(piece)
         worst = max(worst, (streamed - expected).abs().max().item())
-        assert stream.cache.length == reference.get_seq_length() <= stream.cache.capacity
+        assert stream.cache.length == reference.get_seq_length()
+        assert stream.cache.length <= stream.cache.capacity
 
     assert stream.cache.evicted_tokens >= 150 - WINDOW
     assert worst <= 1e-4, f"max abs logit difference {worst:.2e} after {stream.cache.eviction_events} evictions"
@@ -108,7 +109,8 @@ def test_chunked_prefill_equals_token_by_token():
 
 
 @torch.no_grad()
-def test_long_prefill_holds_at_most_capacity_plus_one_chunk():
+def test_long_prefill_memory_bound():
+    """A 5,000-token input never runs a forward over more than one chunk beside the cache."""
     model = tiny_model("qwen2", "default")
     stream = Stream(model, CacheConfig(sinks=SINKS, window=WINDOW, chunk=CHUNK))
     pieces = []
@@ -122,7 +124,8 @@ def test_long_prefill_holds_at_most_capacity_plus_one_chunk():
     stream.feed(random_ids(5000))
 
     assert max(pieces) <= CHUNK
-    assert stream.cache.layers[0].keys.shape[-2] == stream.cache.capacity == SINKS + WINDOW
+    assert stream.cache.capacity == SINKS + WINDOW
+    assert stream.cache.layers[0].keys.shape[-2] == stream.cache.capacity
     assert stream.tokens_seen == 5000
 
 
@@ -143,7 +146,8 @@ def test_placed_landmarks_keep_positions_contiguous():
     with_landmarks = stream.feed([7]).next_logits
 
     # The same state built directly: sinks, the landmarks at slots 4 and 5, then the window.
-    assert cache.landmarks == 2 and cache.window_start == SINKS + 2
+    assert cache.landmarks == 2
+    assert cache.window_start == SINKS + 2
     assert cache.length == SINKS + 2 + len(window_ids) + 1
     fresh = Stream(model, CacheConfig(sinks=SINKS, window=WINDOW, chunk=CHUNK, landmark_slots=3))
     fresh.feed(ids[:SINKS])

@@ -74,7 +74,8 @@ def test_run_streams_a_file_past_the_window(play_file):
     summary = json.loads(result.stdout)
     assert set(summary) == {"model", "tokens", "perplexity", "cache_budget", "cache_entries_max",
                             "evicted_tokens", "saturation", "seconds"}
-    assert summary["cache_budget"] == 128 and summary["cache_entries_max"] <= 128
+    assert summary["cache_budget"] == 128
+    assert summary["cache_entries_max"] <= 128
     assert summary["evicted_tokens"] > summary["tokens"] - 128 - 32
     assert 10 < summary["perplexity"] < 500
 
@@ -83,7 +84,8 @@ def test_eval_ppl_reports_buckets(play_file):
     result = run("eval", "ppl", str(play_file), "--method", "recompute", "--max-tokens", "1500", "--json")
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
-    assert report["method"] == "recompute" and report["tokens"] == 1500
+    assert report["method"] == "recompute"
+    assert report["tokens"] == 1500
     assert [(b["start"], b["end"]) for b in report["buckets"]] == [(1, 1025), (1025, 1500)]
 
 

@@ -21,7 +21,8 @@ SINKS, WINDOW, CHUNK = 4, 36, 8
 
 
 @torch.no_grad()
-def test_a_reused_session_with_full_window_takes_new_turns():
+def test_reused_stream_takes_new_turns():
+    """Report (a): a session reused after its window filled, each turn bringing only new tokens."""
     model = tiny_model("llama-gqa", "default")
     seen: list[Saturation] = []
     stream = Stream(model, CacheConfig(sinks=SINKS, window=WINDOW, chunk=CHUNK), on_saturation=seen.append)
@@ -32,7 +33,8 @@ def test_a_reused_session_with_full_window_takes_new_turns():
         reply = list(stream.generate(random_ids(6, seed=turn), max_new_tokens=12))
         assert len(reply) == 12
 
-    assert all(s.entries_used <= s.budget == SINKS + WINDOW for s in seen)
+    assert all(s.budget == SINKS + WINDOW for s in seen)
+    assert all(s.entries_used <= s.budget for s in seen)
     assert stream.tokens_seen == 100 + 5 * (6 + 12)  # every reply token is fed back for the next turn
     assert stream.saturation().evicted_tokens > 0
 
@@ -48,7 +50,8 @@ def record_attention(calls: list[tuple[int, int]]):
 
 
 @torch.no_grad()
-def test_b_qwen2_generates_200_tokens_past_a_64_token_window():
+def test_qwen2_generation_past_small_window():
+    """Report (b): Qwen2, window 64, 4 sinks, 20-token prompt, 200 generated tokens."""
     model = tiny_model("qwen2", "default")
     calls: list[tuple[int, int]] = []
     record_attention(calls)
@@ -60,13 +63,16 @@ def test_b_qwen2_generates_200_tokens_past_a_64_token_window():
     new_ids = list(stream.generate(random_ids(20), max_new_tokens=200))
 
     assert len(new_ids) == 200
-    assert max(positions) < stream.cache.capacity == 68
+    assert stream.cache.capacity == 68
+    assert max(positions) < stream.cache.capacity
     assert stream.cache.evicted_tokens > 0
-    assert calls and all(width == keys for width, keys in calls)
+    assert calls
+    assert all(width == keys for width, keys in calls)
 
 
 @torch.no_grad()
-def test_c_implied_positions_run_without_gap_after_every_decode_step():
+def test_implied_positions_have_no_gaps():
+    """Report (c): after every decode step, cached keys encode positions 0..n-1, newest at n-1."""
     model = tiny_model("llama-gqa", "default")
     inv_freq = model.get_decoder().rotary_emb.inv_freq
     stream = Stream(model, CacheConfig(sinks=SINKS, window=WINDOW, chunk=CHUNK))
@@ -97,7 +103,8 @@ def test_c_implied_positions_run_without_gap_after_every_decode_step():
     assert len(raw_keys) == stream.cache.length
 
 
-def test_d_partial_rotary_rerotation_equals_fresh_encoding():
+def test_partial_rotary_rerotation_exact():
+    """Report (d): head_dim 80, rotary_dim 32: moving a key from 100 to 5 equals encoding it at 5."""
     config = PhiConfig(hidden_size=160, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
                        vocab_size=64, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
                                                        "partial_rotary_factor": 0.4})
@@ -118,7 +125,8 @@ def test_d_partial_rotary_rerotation_equals_fresh_encoding():
     assert torch.equal(moved[..., 32:], raw[..., 32:])
 
 
-def test_e_yarn_factor_16_rerotation_keeps_key_norms():
+def test_yarn_rerotation_keeps_norms():
+    """Report (e): with YaRN factor 16, re-rotation leaves key norms unchanged."""
     model = tiny_model("llama-gqa", "default")
     model.config.rope_parameters = {**model.config.rope_parameters, "rope_type": "yarn", "factor": 16.0,
                                     "original_max_position_embeddings": 128}
@@ -142,8 +150,11 @@ def test_saturation_reports_budget_and_evictions():
     first, last = seen
     assert (first.tokens_seen, first.entries_used, first.budget, first.evicted_tokens) == (20, 20, 40, 0)
     assert first.fraction == pytest.approx(0.5)
-    assert last.tokens_seen == 60 and last.evicted_tokens == 24 and last.eviction_events == 3
-    assert last.entries_used == 60 - 24 == last.pinned + last.window_tokens
+    assert last.tokens_seen == 60
+    assert last.evicted_tokens == 24
+    assert last.eviction_events == 3
+    assert last.entries_used == 60 - 24
+    assert last.entries_used == last.pinned + last.window_tokens
     assert Saturation.model_validate_json(last.model_dump_json()) == last
 
 
@@ -160,13 +171,16 @@ def test_system_message_stays_pinned():
     pinned_keys = stream.cache.layers[1].keys[:, :, :23].clone()
     stream.feed(random_ids(300))
 
-    assert stream.cache.pinned == 23 and stream.cache.capacity == 64
-    assert stream.cache.evicted_tokens % CHUNK == 0 and stream.cache.evicted_tokens > 0
+    assert stream.cache.pinned == 23
+    assert stream.cache.capacity == 64
+    assert stream.cache.evicted_tokens > 0
+    assert stream.cache.evicted_tokens % CHUNK == 0
     assert torch.equal(stream.cache.layers[1].keys[:, :, :23], pinned_keys)
 
 
 @torch.no_grad()
-def test_generation_inside_the_window_matches_transformers(reference):
+def test_generation_matches_transformers(reference):
+    """Inside the window, streaming generation equals transformers' own greedy generate."""
     model, tokenizer = reference
     prompt = tokenizer.encode("To be, or not to be, that is", add_special_tokens=True)
     stream = Stream(model, CacheConfig(sinks=4))
@@ -182,4 +196,5 @@ def test_sampling_is_seeded():
     runs = [list(Stream(model, CacheConfig(sinks=SINKS, window=WINDOW, chunk=CHUNK))
                  .generate(random_ids(5), max_new_tokens=40, temperature=0.9, top_p=0.9, seed=seed))
             for seed in (3, 3, 4)]
-    assert runs[0] == runs[1] != runs[2]
+    assert runs[0] == runs[1]
+    assert runs[0] != runs[2]

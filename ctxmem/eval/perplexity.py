@@ -44,7 +44,7 @@ class PerplexityResult(BaseModel):
 
 def evaluate(model: PreTrainedModel, ids: list[int], method: str, config: CacheConfig,
              progress: Progress | None = None) -> PerplexityResult:
-    """Score `ids` under `method`; buckets cover 1,024 tokens each."""
+    """Score `ids` under `method`, overall and in buckets of 1,024 tokens."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; use one of: {', '.join(METHODS)}")
     if len(ids) < 2:
@@ -55,7 +55,7 @@ def evaluate(model: PreTrainedModel, ids: list[int], method: str, config: CacheC
 
 
 def summarize(method: str, nll: torch.Tensor) -> PerplexityResult:
-    """Perplexity overall and per bucket; token i + 1 of the text is nll[i]."""
+    """Return the perplexity overall and per bucket, where nll[i] is the loss of token i + 1."""
     buckets = []
     for start in range(0, nll.numel(), BUCKET):
         part = nll[start:start + BUCKET]
