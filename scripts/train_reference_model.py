@@ -16,8 +16,11 @@ span's second copy falls below 0.3 of the loss on its first copy, or for at most
 --max-copy-steps steps; the main mix follows, with copy data still in it. The ratio is logged
 every --log-every steps.
 
-The default model has two layers, because in trials on 2 CPU cores 4- and 6-layer models of the
-same size stayed near a ratio of 0.97 for hundreds of steps where a 2-layer model kept improving.
+The default model is narrow (hidden size 128, head_dim 32) with a wide MLP (5888) to reach
+5 M parameters. In copy-only probes on 2 CPU cores (2 layers, batch 32 x 128 tokens, lr 1e-3),
+hidden size 128 learned to copy abruptly after about 750 steps, with or without GQA and weight
+decay, while hidden sizes 256 and 384 (head_dim 64) only drifted to ratios of 0.7-0.85 by
+850-1150 steps. Earlier trials with 4 and 6 layers at hidden size 384 did not copy either.
 
 Usage:
     python scripts/train_reference_model.py --out ctxmem/reference/model --steps 3000
@@ -61,13 +64,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=3400)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--context", type=int, default=256, help="training sequence length")
-    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (AdamW, cosine to 10%%)")
+    parser.add_argument("--weight-decay", type=float, default=0.1)
     parser.add_argument("--vocab-size", type=int, default=3072)
-    parser.add_argument("--hidden-size", type=int, default=384)
+    parser.add_argument("--hidden-size", type=int, default=128)
     parser.add_argument("--layers", type=int, default=2)
-    parser.add_argument("--heads", type=int, default=6)
+    parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--kv-heads", type=int, default=2)
-    parser.add_argument("--intermediate-size", type=int, default=1536)
+    parser.add_argument("--intermediate-size", type=int, default=5888)
     parser.add_argument("--max-copy-steps", type=int, default=1500, help="maximum length of the copy-only phase, in steps")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--log-every", type=int, default=50)
@@ -218,7 +222,7 @@ def train(args: argparse.Namespace) -> None:
     model = make_model(args, tokenizer)
     parameters = sum(p.numel() for p in model.parameters())
     logger.info("model: %.2f M parameters", parameters / 1e6)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay)
     sampler = MixSampler(tokenizer, play_ids, args.context, rng, args.steps)
     history = []
     args.out.mkdir(parents=True, exist_ok=True)
@@ -258,6 +262,8 @@ def save(model, tokenizer, args, parameters: int, history: list[dict], started: 
     record = {
         "command": "python " + " ".join(sys.argv),
         "seed": args.seed,
+        "lr": args.lr,
+        "weight_decay": args.weight_decay,
         "steps": steps_done,
         "batch_size": args.batch_size,
         "context": args.context,

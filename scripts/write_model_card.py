@@ -68,6 +68,9 @@ It is not useful for anything else.
 
 ## Architecture
 - Llama (RoPE, SwiGLU, RMSNorm), tied input and output embeddings
+- narrow and wide: in copy-only probes on this machine, hidden size 128 learned to copy from
+  context within about 800 steps and hidden sizes 256 and 384 did not (see
+  `scripts/train_reference_model.py` and `scripts/copy_probe.py`)
 - {metrics['parameters'] / 1e6:.2f} M parameters; {config['num_hidden_layers']} layers, hidden size {config['hidden_size']},
   MLP size {config['intermediate_size']}
 - grouped-query attention: {config['num_attention_heads']} query heads, {config['num_key_value_heads']} KV heads,
@@ -88,7 +91,8 @@ It is not useful for anything else.
   two thirds calling a clock, calculator or weather tool; repeat_random and repeat_text:
   a span repeated, to reward copying from the first step)
 - {training['steps']} steps of batch {training['batch_size']}, {training['tokens_seen'] / 1e6:.1f} M tokens seen,
-  seed {training['seed']}, AdamW with warmup and cosine decay
+  seed {training['seed']}, AdamW (peak learning rate {training.get('lr', 1e-3)}, weight decay
+  {training.get('weight_decay', 0.1)}) with warmup and cosine decay
 - command: `{training['command']}`
 - ran {minutes:.0f} minutes on {training['threads']} CPU threads (torch {training['torch']})
 
