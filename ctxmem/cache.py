@@ -140,8 +140,18 @@ class StreamingCache(Cache):
     def make_room(self, incoming: int) -> int:
         """Evict whole chunks from the oldest end of the window until `incoming` tokens fit.
 
-        Returns the number of evicted tokens. Input that fills the pinned region must not
-        spill into the window in the same forward: feed the pinned tokens first.
+        Returns the number of evicted tokens.
+        """
+        count = self.eviction_size(incoming)
+        if count:
+            self.evict(count)
+        return count
+
+    def eviction_size(self, incoming: int) -> int:
+        """Return how many window tokens must go (whole chunks) before `incoming` tokens fit.
+
+        Input that fills the pinned region must not spill into the window in the same forward:
+        feed the pinned tokens first.
         """
         if self.length < self.pinned:
             if incoming > self.pinned - self.length:
@@ -154,9 +164,19 @@ class StreamingCache(Cache):
         overflow = self.window_length + incoming - self.window
         if overflow <= 0:
             return 0
-        count = min(-(-overflow // self.chunk) * self.chunk, self.window_length)  # whole chunks
-        self.evict(count)
-        return count
+        return min(-(-overflow // self.chunk) * self.chunk, self.window_length)  # whole chunks
+
+    def window_entries(self, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return the `count` oldest window entries, keys without RoPE: [layers, kv_heads, count, head_dim].
+
+        Batch entry 0 only (a stream runs with batch size 1).
+        """
+        start = self.window_start
+        positions = torch.arange(start, start + count)
+        keys = torch.stack([rotate(layer.keys[0, :, start:start + count], -positions, self.spec)
+                            for layer in self.layers])
+        values = torch.stack([layer.values[0, :, start:start + count].clone() for layer in self.layers])
+        return keys, values
 
     def evict(self, count: int) -> None:
         """Drop the `count` oldest window tokens and move later keys down, re-rotated by -count."""

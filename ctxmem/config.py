@@ -49,3 +49,18 @@ class CacheConfig(BaseModel):
                 "use a smaller window, fewer sinks, or a RoPE scaling preset (--rope)"
             )
         return window
+
+
+class LandmarkConfig(BaseModel):
+    """How evicted chunks become landmarks and which of them fill the cache's landmark slots.
+
+    `source` "recompute" encodes each chunk afresh over [sinks + chunk] at positions 0..;
+    "window" takes the chunk's keys and values from the window as it is evicted (cheaper, for
+    comparison). `centroids` entries per landmark (1: the mean key and value).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    policy: Literal["recent"] = "recent"
+    centroids: int = Field(default=1, ge=1)
+    source: Literal["recompute", "window"] = "recompute"

@@ -19,6 +19,7 @@ from transformers import PreTrainedModel
 from ctxmem.cache import StreamingCache
 from ctxmem.config import SYSTEM_SINKS, CacheConfig
 from ctxmem.generation import check_sampling
+from ctxmem.landmarks.memory import LandmarkMemory
 from ctxmem.rope import rotary_spec
 from ctxmem.rope_scaling import max_cache_positions
 
@@ -46,18 +47,26 @@ class Stream:
     With `sinks="system"` the cache is built by `pin(ids)`, which pins exactly those tokens
     (the rendered system message); otherwise it is built at once with `sinks` pinned tokens.
     `on_saturation` is called with a Saturation after every feed and every generated token.
+    With a `memory`, every evicted chunk becomes a landmark and the memory's selection fills
+    the cache's landmark slots.
     """
 
     def __init__(self, model: PreTrainedModel, config: CacheConfig | None = None,
-                 on_saturation: Callable[[Saturation], None] | None = None):
+                 on_saturation: Callable[[Saturation], None] | None = None, memory: LandmarkMemory | None = None):
         self.model = model
         self.config = config or CacheConfig()
+        if memory is not None and self.config.landmark_slots < memory.config.centroids:
+            raise ValueError(f"a landmark memory needs landmark_slots >= {memory.config.centroids} in the cache "
+                             f"config, got {self.config.landmark_slots}")
         self.on_saturation = on_saturation
+        self.memory = memory
         self.spec = rotary_spec(model)
         self.max_positions = max_cache_positions(model.config)
         self.tokens_seen = 0
         self.cache: StreamingCache | None = None
         self._next_logits: torch.Tensor | None = None  # [vocab]
+        self._pinned_ids: list[int] = []
+        self._window_ids: list[int] = []  # token ids of the window, oldest first
         if self.config.sinks != SYSTEM_SINKS:
             self.cache = self._build_cache(self.config.sinks)
 
@@ -89,9 +98,11 @@ class Stream:
         start = 0
         while start < len(ids):
             if self.cache.room() == 0:
-                self.cache.make_room(1)
+                self._evict()
             piece = ids[start:start + min(self.cache.room(), self.config.chunk)]
+            pinning = self.cache.length < self.cache.pinned
             logits = self._forward(piece, all_logits=score)  # [piece or 1, vocab]
+            (self._pinned_ids if pinning else self._window_ids).extend(piece)
             if score:
                 losses.append(self._piece_nll(piece, logits))
             self._next_logits = logits[-1]
@@ -100,6 +111,20 @@ class Stream:
         self.tokens_seen += len(ids)
         self._report()
         return FeedResult(self._next_logits, torch.cat(losses) if score else None)
+
+    def _evict(self) -> None:
+        """Evict one chunk from the full window; with a memory, turn it into a landmark and re-place."""
+        cache = self.cache
+        count = cache.eviction_size(1)
+        wants_window_kv = self.memory is not None and self.memory.config.source == "window"
+        window_kv = cache.window_entries(count) if wants_window_kv else None
+        token_start = cache.pinned + cache.evicted_tokens
+        cache.evict(count)
+        evicted, self._window_ids = self._window_ids[:count], self._window_ids[count:]
+        if self.memory is None:
+            return
+        self.memory.add(self._pinned_ids, evicted, token_start, window_kv)
+        cache.place_landmarks(*self.memory.placement(self.model.device))
 
     def _forward(self, piece: list[int], all_logits: bool) -> torch.Tensor:
         device = self.model.device

@@ -1,0 +1,1 @@
+"""Landmarks: compressed key/value summaries of evicted chunks, built, selected and injected."""
