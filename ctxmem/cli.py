@@ -12,6 +12,7 @@ import logging
 import math
 import sys
 import time
+import uuid
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
@@ -49,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("path", help="a UTF-8 text file")
     _add_model_options(run)
     _add_cache_options(run)
+    _add_landmark_options(run, storage=True)
     run.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
 
     evaluate = commands.add_parser("eval", help="measure the model on a text")
@@ -60,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     ppl.add_argument("--max-tokens", type=int, help="score only the first N tokens")
     _add_model_options(ppl)
     _add_cache_options(ppl)
+    _add_landmark_options(ppl, storage=False)
     ppl.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
 
     demo = commands.add_parser("demo", help="run the main job on the reference model")
@@ -86,8 +89,12 @@ def _add_cache_options(parser: argparse.ArgumentParser) -> None:
 
 def _load(args: argparse.Namespace):
     """Validate the RoPE options, then load the model and tokenizer they name."""
+    from transformers.utils import logging as transformers_logging
+
     from ctxmem.model import load_model
     from ctxmem.rope_scaling import RopeScaling
+
+    transformers_logging.disable_progress_bar()  # rich draws ctxmem's own progress
 
     factor = args.rope_factor if args.rope_factor is not None else (1.0 if args.rope == "none" else None)
     if factor is None:
@@ -96,10 +103,45 @@ def _load(args: argparse.Namespace):
     return load_model(args.model, device=args.device, dtype=args.dtype, rope=rope)
 
 
+def _add_landmark_options(parser: argparse.ArgumentParser, storage: bool) -> None:
+    parser.add_argument("--landmarks", type=int, default=0, help="landmarks placed in the cache (0: none)")
+    parser.add_argument("--landmark-policy", default="recent", choices=["recent"], help="which landmarks fill the slots")
+    parser.add_argument("--centroids", type=int, default=1, help="cache entries per landmark (1: the mean)")
+    parser.add_argument("--landmark-source", default="recompute", choices=["recompute", "window"],
+                        help="encode evicted chunks afresh, or take their KV from the window")
+    if storage:
+        parser.add_argument("--session", help="session id the landmarks are stored under (default: a new id)")
+        parser.add_argument("--redis", help="Redis URL (default: $CTXMEM_REDIS_URL, else the embedded server)")
+
+
 def _cache_config(args: argparse.Namespace):
     from ctxmem.config import CacheConfig
 
-    return CacheConfig(sinks=args.sinks, window=args.window, chunk=args.chunk)
+    if args.landmarks < 0:
+        raise ValueError(f"invalid --landmarks {args.landmarks}; use 0 (none) or more")
+    return CacheConfig(sinks=args.sinks, window=args.window, chunk=args.chunk,
+                       landmark_slots=args.landmarks * args.centroids)
+
+
+def _landmark_config(args: argparse.Namespace):
+    from ctxmem.config import LandmarkConfig
+
+    return LandmarkConfig(policy=args.landmark_policy, centroids=args.centroids, source=args.landmark_source)
+
+
+def _landmark_memory(args: argparse.Namespace, model, tokenizer, config):
+    """Return the LandmarkMemory `run` streams with, writing to Redis, or None without --landmarks."""
+    from ctxmem.landmarks.memory import LandmarkMemory
+    from ctxmem.rope import rotary_spec
+    from ctxmem.store.keys import validate_session_id
+    from ctxmem.store.landmarks import LandmarkStore
+
+    if args.landmarks == 0:
+        return None
+    session_id = validate_session_id(args.session or f"run-{uuid.uuid4().hex[:12]}")
+    store = LandmarkStore(args.redis)
+    return LandmarkMemory(model, rotary_spec(model), _landmark_config(args), config.landmark_slots, store=store,
+                          session_id=session_id, decode=tokenizer.decode)
 
 
 def _read_ids(path: str, tokenizer, max_tokens: int | None = None) -> list[int]:
@@ -185,21 +227,19 @@ def run_run(args: argparse.Namespace, console: Console) -> None:
     config = _cache_config(args)
     model, tokenizer = _load(args)
     ids = _read_ids(args.path, tokenizer)
-    peak = 0
-
-    def track(saturation) -> None:
-        nonlocal peak
-        peak = max(peak, saturation.entries_used)
-
-    stream = Stream(model, config, on_saturation=track)
+    memory = _landmark_memory(args, model, tokenizer, config)
+    stream = Stream(model, config, memory=memory)
     started = time.perf_counter()
     with _progress(console, len(ids), f"streaming {Path(args.path).name}", args.json) as advance:
         nll = streaming_nll(model, ids, config, advance, stream=stream)
     saturation = stream.saturation()
     summary = {
         "model": args.model, "tokens": len(ids), "perplexity": math.exp(nll.mean().item()),
-        "cache_budget": saturation.budget, "cache_entries_max": peak, "evicted_tokens": saturation.evicted_tokens,
+        "cache_budget": saturation.budget, "cache_entries_max": saturation.peak_entries, "evicted_tokens": saturation.evicted_tokens,
         "saturation": saturation.model_dump(), "seconds": round(time.perf_counter() - started, 3),
+        "session": memory.session_id if memory else None,
+        "landmarks_written": memory.written if memory else 0,
+        "landmarks_injected": memory.injected if memory else 0,
     }
     if args.json:
         console.print_json(json.dumps(summary))
@@ -217,7 +257,7 @@ def run_eval(args: argparse.Namespace, console: Console) -> None:
     model, tokenizer = _load(args)
     ids = _read_ids(args.path, tokenizer, args.max_tokens)
     with _progress(console, len(ids), f"{args.method} perplexity", args.json) as advance:
-        result = evaluate(model, ids, args.method, config, progress=advance)
+        result = evaluate(model, ids, args.method, config, progress=advance, landmarks=_landmark_config(args))
     if args.json:
         console.print_json(result.model_dump_json())
         return

@@ -7,7 +7,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 SYSTEM_SINKS = "system"
-PERPLEXITY_METHODS = ("dense", "window", "streaming", "recompute")  # see ctxmem.eval.perplexity
+PERPLEXITY_METHODS = ("dense", "window", "streaming", "recompute", "landmarks")  # see ctxmem.eval.perplexity
 
 
 class CacheConfig(BaseModel):

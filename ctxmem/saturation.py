@@ -10,6 +10,7 @@ class Saturation(BaseModel):
 
     tokens_seen: int
     entries_used: int
+    peak_entries: int  # the most entries in use at any point, between forwards
     budget: int
     pinned: int
     landmarks: int

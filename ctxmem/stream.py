@@ -63,6 +63,7 @@ class Stream:
         self.spec = rotary_spec(model)
         self.max_positions = max_cache_positions(model.config)
         self.tokens_seen = 0
+        self.peak_entries = 0
         self.cache: StreamingCache | None = None
         self._next_logits: torch.Tensor | None = None  # [vocab]
         self._pinned_ids: list[int] = []
@@ -103,6 +104,7 @@ class Stream:
             pinning = self.cache.length < self.cache.pinned
             logits = self._forward(piece, all_logits=score)  # [piece or 1, vocab]
             (self._pinned_ids if pinning else self._window_ids).extend(piece)
+            self.peak_entries = max(self.peak_entries, self.cache.length)
             if score:
                 losses.append(self._piece_nll(piece, logits))
             self._next_logits = logits[-1]
@@ -168,9 +170,10 @@ class Stream:
     def saturation(self) -> Saturation:
         cache = self.cache
         if cache is None:
-            return Saturation(tokens_seen=0, entries_used=0, budget=0, pinned=0, landmarks=0, window_tokens=0,
-                              evicted_tokens=0, eviction_events=0)
-        return Saturation(tokens_seen=self.tokens_seen, entries_used=cache.length, budget=cache.capacity,
+            return Saturation(tokens_seen=0, entries_used=0, peak_entries=0, budget=0, pinned=0, landmarks=0,
+                              window_tokens=0, evicted_tokens=0, eviction_events=0)
+        return Saturation(tokens_seen=self.tokens_seen, entries_used=cache.length, peak_entries=self.peak_entries,
+                          budget=cache.capacity,
                           pinned=min(cache.pinned, cache.length), landmarks=cache.landmarks,
                           window_tokens=cache.window_length, evicted_tokens=cache.evicted_tokens,
                           eviction_events=cache.eviction_events)

@@ -4,7 +4,8 @@
 - `window`: the last `window` tokens, absolute positions, no sinks (the naive baseline);
 - `streaming`: ctxmem's cache, sinks plus a re-rotated window;
 - `recompute`: each chunk encoded afresh over [sinks | the tokens before it in the window]
-  at positions 0.., the quality oracle that streaming approximates at a fraction of the cost.
+  at positions 0.., the quality oracle that streaming approximates at a fraction of the cost;
+- `landmarks`: streaming with a landmark memory filling the cache's landmark slots.
 Every method scores each token after the first exactly once, so their losses line up.
 """
 
@@ -20,7 +21,9 @@ from pydantic import BaseModel
 from transformers import DynamicCache, PreTrainedModel
 
 from ctxmem.cache import StreamingCache
-from ctxmem.config import PERPLEXITY_METHODS as METHODS, CacheConfig
+from ctxmem.config import PERPLEXITY_METHODS as METHODS, CacheConfig, LandmarkConfig
+from ctxmem.landmarks.memory import LandmarkMemory
+from ctxmem.rope import rotary_spec
 from ctxmem.stream import Stream
 
 logger = logging.getLogger(__name__)
@@ -43,14 +46,20 @@ class PerplexityResult(BaseModel):
 
 
 def evaluate(model: PreTrainedModel, ids: list[int], method: str, config: CacheConfig,
-             progress: Progress | None = None) -> PerplexityResult:
+             progress: Progress | None = None, landmarks: LandmarkConfig | None = None) -> PerplexityResult:
     """Score `ids` under `method`, overall and in buckets of 1,024 tokens."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; use one of: {', '.join(METHODS)}")
     if len(ids) < 2:
         raise ValueError(f"the text has {len(ids)} tokens; perplexity needs at least 2")
+    progress = progress or (lambda n: None)
+    if method == "landmarks":
+        if config.landmark_slots == 0:
+            raise ValueError("method 'landmarks' needs landmark slots; pass --landmarks L (1 or more)")
+        memory = LandmarkMemory(model, rotary_spec(model), landmarks or LandmarkConfig(), config.landmark_slots)
+        return summarize(method, streaming_nll(model, ids, config, progress, Stream(model, config, memory=memory)))
     scorer = {"dense": dense_nll, "window": window_nll, "streaming": streaming_nll, "recompute": recompute_nll}
-    nll = scorer[method](model, ids, config, progress or (lambda n: None))  # [len(ids) - 1]
+    nll = scorer[method](model, ids, config, progress)  # [len(ids) - 1]
     return summarize(method, nll)
 
 
