@@ -73,22 +73,25 @@ def plot(all_results: dict[str, dict[str, PerplexityResult]], path: Path) -> Non
     figure.savefig(path, dpi=110)
 
 
+def save(all_results: dict[str, dict[str, PerplexityResult]], out: Path) -> None:
+    (out / "streaming_quality.json").write_text(json.dumps(
+        {play: {label: r.model_dump() for label, r in results.items()} for play, results in all_results.items()},
+        indent=1))
+    plot(all_results, out / "streaming_quality.png")
+
+
 def main() -> None:
     args = parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(args.threads)
     model, tokenizer = load_model("reference", device="cpu", dtype="float32")
     all_results = {}
+    args.out.mkdir(parents=True, exist_ok=True)
     for play in args.plays:
         ids = tokenizer.encode(corpus.load_play(play), add_special_tokens=True)[:args.max_tokens]
         logging.info("%s: %d tokens", play, len(ids))
         all_results[play] = measure(model, ids, args.chunk)
-
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "streaming_quality.json").write_text(json.dumps(
-        {play: {label: r.model_dump() for label, r in results.items()} for play, results in all_results.items()},
-        indent=1))
-    plot(all_results, args.out / "streaming_quality.png")
+        save(all_results, args.out)  # after every play, so a cut-short run keeps what it measured
 
     table = Table("play", "tokens", *[label for label, _, _ in RUNS], "worst bucket: streaming 4 / recompute")
     for play, results in all_results.items():
