@@ -2,10 +2,10 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-# torch is installed first, so that no later requirement pulls another build. On Linux, PyPI's
-# torch==2.13.0 is a CUDA build; for the CPU build elsewhere, set
-# TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu". Run `make clean` after
-# changing either, because an existing .venv is kept.
+# torch is installed first, so that no later requirement pulls another build. pip takes a local
+# CPU wheel where one exists (this project's machines and CI); elsewhere on Linux, PyPI's
+# torch==2.13.0 is a CUDA build, and TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu"
+# gets the CPU build. Run `make clean` after changing either, because an existing .venv is kept.
 TORCH_SPEC ?= torch==2.13.0
 TORCH_PIP_ARGS ?=
 

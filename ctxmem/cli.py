@@ -58,7 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     ppl = measures.add_parser("ppl", help="perplexity of a whole text under one way of holding context")
     ppl.add_argument("path", help="a UTF-8 text file")
     ppl.add_argument("--method", default="streaming", choices=PERPLEXITY_METHODS,
-                     help="dense, window (no sinks, absolute positions), streaming, or recompute (the oracle)")
+                     help="dense, window (no sinks, absolute positions), streaming, recompute (the oracle), "
+                          "or landmarks (streaming with --landmarks L)")
     ppl.add_argument("--max-tokens", type=int, help="score only the first N tokens")
     _add_model_options(ppl)
     _add_cache_options(ppl)
@@ -92,10 +93,12 @@ def _load(args: argparse.Namespace):
     from transformers.utils import logging as transformers_logging
 
     from ctxmem.model import load_model
-    from ctxmem.rope_scaling import RopeScaling
+    from ctxmem.rope_scaling import SCALING_METHODS, RopeScaling
 
     transformers_logging.disable_progress_bar()  # rich draws ctxmem's own progress
 
+    if args.rope not in SCALING_METHODS:
+        raise ValueError(f"invalid --rope {args.rope!r}; use one of: {', '.join(SCALING_METHODS)}")
     factor = args.rope_factor if args.rope_factor is not None else (1.0 if args.rope == "none" else None)
     if factor is None:
         raise ValueError(f"--rope {args.rope} needs --rope-factor F (the context extension, e.g. 4)")
@@ -110,7 +113,8 @@ def _add_landmark_options(parser: argparse.ArgumentParser, storage: bool) -> Non
     parser.add_argument("--landmark-source", default="recompute", choices=["recompute", "window"],
                         help="encode evicted chunks afresh, or take their KV from the window")
     if storage:
-        parser.add_argument("--session", help="session id the landmarks are stored under (default: a new id)")
+        parser.add_argument("--session", help="store the landmarks in Redis under this session id "
+                                              "(without --session or --redis they stay in memory)")
         parser.add_argument("--redis", help="Redis URL (default: $CTXMEM_REDIS_URL, else the embedded server)")
 
 
@@ -138,8 +142,9 @@ def _landmark_memory(args: argparse.Namespace, model, tokenizer, config):
 
     if args.landmarks == 0:
         return None
+    stored = args.session is not None or args.redis is not None
     session_id = validate_session_id(args.session or f"run-{uuid.uuid4().hex[:12]}")
-    store = LandmarkStore(args.redis)
+    store = LandmarkStore(args.redis) if stored else None
     return LandmarkMemory(model, rotary_spec(model), _landmark_config(args), config.landmark_slots, store=store,
                           session_id=session_id, decode=tokenizer.decode)
 
@@ -147,11 +152,20 @@ def _landmark_memory(args: argparse.Namespace, model, tokenizer, config):
 def _read_ids(path: str, tokenizer, max_tokens: int | None = None) -> list[int]:
     """Tokenize a text file, led by BOS as conversations and training sequences are."""
     file = Path(path)
+    if file.is_dir():
+        raise ValueError(f"{path!r} is a folder; pass the path of a UTF-8 text file")
     if not file.is_file():
         raise FileNotFoundError(f"text file {path!r} not found; pass the path of a UTF-8 text file")
     if max_tokens is not None and max_tokens < 2:
         raise ValueError(f"invalid --max-tokens {max_tokens}; use 2 or more")
-    ids = tokenizer.encode(file.read_text(encoding="utf-8"), add_special_tokens=True)
+    try:
+        text = file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"text file {path!r} is not UTF-8 ({error.reason} at byte {error.start}); "
+                         "convert it to UTF-8 first") from error
+    ids = tokenizer.encode(text, add_special_tokens=True)
+    if len(ids) < 2:
+        raise ValueError(f"text file {path!r} holds {len(ids) - 1} tokens of text; pass a file with some text")
     return ids[:max_tokens] if max_tokens else ids
 
 
@@ -237,7 +251,7 @@ def run_run(args: argparse.Namespace, console: Console) -> None:
         "model": args.model, "tokens": len(ids), "perplexity": math.exp(nll.mean().item()),
         "cache_budget": saturation.budget, "cache_entries_max": saturation.peak_entries, "evicted_tokens": saturation.evicted_tokens,
         "saturation": saturation.model_dump(), "seconds": round(time.perf_counter() - started, 3),
-        "session": memory.session_id if memory else None,
+        "session": memory.session_id if memory and memory.store else None,
         "landmarks_written": memory.written if memory else 0,
         "landmarks_injected": memory.injected if memory else 0,
     }
@@ -246,6 +260,9 @@ def run_run(args: argparse.Namespace, console: Console) -> None:
         return
     table = Table("field", "value", title=f"streamed {args.path}")
     for key, value in summary.items():
+        if isinstance(value, dict):
+            value = ", ".join(f"{name} {number:.3f}" if isinstance(number, float) else f"{name} {number}"
+                              for name, number in value.items())
         table.add_row(key, f"{value:.3f}" if isinstance(value, float) else str(value))
     console.print(table)
 
@@ -276,6 +293,20 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, Console], None]] = {
 }
 
 
+def _describe(error: Exception) -> str:
+    """Return the message of `error`; a pydantic ValidationError becomes its errors, without the noise."""
+    from pydantic import ValidationError
+
+    if not isinstance(error, ValidationError):
+        return str(error)
+    parts = []
+    for item in error.errors():
+        field = ".".join(str(part) for part in item["loc"])
+        text = item["msg"].removeprefix("Value error, ")
+        parts.append(f"{field}: {text}" if field else text)
+    return "; ".join(parts)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -283,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         COMMANDS[args.command](args, console)
     except USAGE_ERRORS as error:
-        message = " ".join(str(error).split())
+        message = " ".join(_describe(error).split())
         Console(stderr=True, soft_wrap=True).print(f"error: {message}", markup=False, highlight=False)
         return 2
     return 0

@@ -40,13 +40,22 @@ class CacheConfig(BaseModel):
 
         Raises ValueError when the cache would need positions beyond the model's range.
         """
-        window = self.window if self.window is not None else max_positions - pinned - self.landmark_slots
-        capacity = pinned + self.landmark_slots + window
-        if window < self.chunk or capacity > max_positions:
+        reserved = pinned + self.landmark_slots
+        if self.window is None and reserved >= max_positions:
+            raise ValueError(
+                f"{pinned} pinned tokens and {self.landmark_slots} landmark slots leave no room for a window in "
+                f"the model's {max_positions} positions; shorten the system message, use fewer sinks or slots, "
+                "or extend the positions with a RoPE scaling preset (--rope, --rope-factor)"
+            )
+        window = self.window if self.window is not None else max_positions - reserved
+        if window < self.chunk:
+            raise ValueError(f"chunk {self.chunk} is larger than the window of {window} tokens; lower the chunk size")
+        capacity = reserved + window
+        if capacity > max_positions:
             raise ValueError(
                 f"cache of {pinned} pinned + {self.landmark_slots} landmark slots + window {window} = {capacity} "
-                f"entries does not fit the model's {max_positions} positions with chunk {self.chunk}; "
-                "use a smaller window, fewer sinks, or a RoPE scaling preset (--rope)"
+                f"entries does not fit the model's {max_positions} positions; use a smaller window or fewer "
+                "sinks, or extend the positions with a RoPE scaling preset or a larger factor (--rope, --rope-factor)"
             )
         return window
 

@@ -96,11 +96,19 @@ def test_eval_ppl_reports_buckets(play_file):
     (["run", "{file}", "--rope", "yarn"], "--rope yarn needs --rope-factor"),
     (["run", "{file}", "--rope", "spline", "--rope-factor", "2"], "invalid RoPE scaling method 'spline'"),
     (["run", "missing.txt"], "text file 'missing.txt' not found"),
+    (["run", "{empty}"], "pass a file with some text"),
+    (["run", "{file}", "--rope", "bogus"], "invalid --rope 'bogus'"),
+    (["run", "{file}", "--rope-factor", "2"], "has no effect with method 'none'"),
+    (["run", "{file}", "--chunk", "300", "--window", "252"], "chunk (300) is larger than the window (252)"),
 ])
-def test_stream_commands_reject_bad_input(play_file, args, message):
-    result = run(*[str(play_file) if a == "{file}" else a for a in args])
+def test_stream_commands_reject_bad_input(play_file, tmp_path, args, message):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    result = run(*[{"{file}": str(play_file), "{empty}": str(empty)}.get(a, a) for a in args])
     assert result.returncode == 2
     assert message in result.stderr
+    assert "Traceback" not in result.stderr
+    assert "errors.pydantic.dev" not in result.stderr
 
 
 def test_run_writes_landmarks_to_redis(play_file, redis_client):
