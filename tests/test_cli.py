@@ -94,7 +94,7 @@ def test_eval_ppl_reports_buckets(play_file):
     (["eval", "ppl", "{file}", "--method", "sliding"], "invalid choice: 'sliding'"),
     (["run", "{file}", "--window", "300"], "does not fit the model's 256 positions"),
     (["run", "{file}", "--rope", "yarn"], "--rope yarn needs --rope-factor"),
-    (["run", "{file}", "--rope", "spline", "--rope-factor", "2"], "invalid RoPE scaling method 'spline'"),
+    (["run", "{file}", "--rope", "spline", "--rope-factor", "2"], "invalid --rope 'spline'"),
     (["run", "missing.txt"], "text file 'missing.txt' not found"),
     (["run", "{empty}"], "pass a file with some text"),
     (["run", "{file}", "--rope", "bogus"], "invalid --rope 'bogus'"),
