@@ -33,18 +33,12 @@ def test_tool_calls_name_right_tool(reference, capsys):
     assert rate >= 0.9
 
 
-NO_COPYING = ("the bundled reference model learned almost no copying from context "
-              "(see MODEL_CARD.md), so it misses this target; a retrained model must meet it")
-
-
-@pytest.mark.xfail(reason=NO_COPYING, strict=False)
 def test_pass_key_in_window(reference, held_out_text, capsys):
     rate = checks.pass_key_accuracy(*reference, held_out_text, count=50)
     report(capsys, f"in-window pass-key accuracy on 50 prompts: {rate:.0%}")
     assert rate >= 0.9
 
 
-@pytest.mark.xfail(reason=NO_COPYING, strict=False)
 def test_second_copy_of_random_span_learned(reference, capsys):
     ratio = checks.repeat_loss_ratio(*reference, span=40)
     report(capsys, f"loss on second copy / first copy of a random 40-token span: {ratio:.3f}")
@@ -52,7 +46,7 @@ def test_second_copy_of_random_span_learned(reference, capsys):
 
 
 def test_copy_measurements_match_card(reference, held_out_text, card_metrics):
-    # Guards the card's numbers while the targets above are missed.
+    # The card states what the tests above measure, so it must agree with them.
     pass_key = checks.pass_key_accuracy(*reference, held_out_text, count=50)
     ratio = checks.repeat_loss_ratio(*reference, span=40)
     assert pass_key == pytest.approx(card_metrics["pass_key_accuracy"], abs=0.06)
