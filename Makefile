@@ -26,7 +26,7 @@ demo: venv
 test: venv
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest
 
-# Retrain the bundled reference model from its seed (about an hour on 2 CPU cores) and rewrite its card.
+# Retrain the bundled reference model from its seed (about 95 minutes on 2 CPU cores) and rewrite its card.
 reference-model: venv
 	$(BIN)/python scripts/train_reference_model.py --out build/reference
 	$(BIN)/python scripts/write_model_card.py --model build/reference
