@@ -143,9 +143,9 @@ class Stream:
         """Loss of each token of `piece`, predicted by the logits before it: [piece] or [piece - 1]."""
         if self._next_logits is not None:
             logits = torch.cat((self._next_logits[None], logits[:-1]))  # [piece, vocab]
-            targets = torch.tensor(piece, device=logits.device)
+            targets = torch.tensor(piece, dtype=torch.long, device=logits.device)
         else:
-            logits, targets = logits[:-1], torch.tensor(piece[1:], device=logits.device)
+            logits, targets = logits[:-1], torch.tensor(piece[1:], dtype=torch.long, device=logits.device)
         return F.cross_entropy(logits.float(), targets, reduction="none").cpu()
 
     def generate(self, prompt_ids: list[int], max_new_tokens: int = 64, temperature: float = 0.0,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -36,3 +38,20 @@ def test_unknown_method_rejected():
     model = tiny_model("llama-gqa", "default")
     with pytest.raises(ValueError, match="unknown method 'oracle'"):
         evaluate(model, random_ids(10), "oracle", CONFIG)
+
+
+@pytest.mark.parametrize("sinks", [0, 1, 4])
+def test_streaming_scores_every_token(sinks):
+    model = tiny_model("llama-gqa", "default")
+    result = evaluate(model, random_ids(150), "streaming", CacheConfig(sinks=sinks, window=60, chunk=16))
+    assert result.tokens == 150
+    assert math.isfinite(result.perplexity)
+
+
+def test_window_equals_streaming_without_sinks():
+    # RoPE attention sees only relative positions, so shifting a sink-free window changes nothing.
+    model = tiny_model("qwen2", "default")
+    ids = random_ids(300)
+    window = evaluate(model, ids, "window", CacheConfig(sinks=0, window=60, chunk=16))
+    streaming = evaluate(model, ids, "streaming", CacheConfig(sinks=0, window=60, chunk=16))
+    assert window.perplexity == pytest.approx(streaming.perplexity, rel=1e-5)
