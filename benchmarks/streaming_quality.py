@@ -41,7 +41,7 @@ def parse_args() -> argparse.Namespace:
 
 
 def measure(model, ids: list[int], chunk: int) -> dict[str, PerplexityResult]:
-    """Every run of RUNS over `ids`, with a budget of the model's full position range."""
+    """Measure every run of RUNS over `ids`, with a budget of the model's full position range."""
     results = {}
     for label, method, sinks in RUNS:
         started = time.perf_counter()

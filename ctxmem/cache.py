@@ -132,7 +132,7 @@ class StreamingCache(Cache):
         return max(0, self.length - self.window_start)
 
     def room(self) -> int:
-        """How many tokens the next forward may bring without an eviction."""
+        """Return how many tokens the next forward may bring without an eviction."""
         if self.length < self.pinned:
             return self.pinned - self.length
         return self.window - self.window_length

@@ -99,7 +99,9 @@ def _load(args: argparse.Namespace):
 
     if args.rope not in SCALING_METHODS:
         raise ValueError(f"invalid --rope {args.rope!r}; use one of: {', '.join(SCALING_METHODS)}")
-    factor = args.rope_factor if args.rope_factor is not None else (1.0 if args.rope == "none" else None)
+    factor = args.rope_factor
+    if factor is None and args.rope == "none":
+        factor = 1.0
     if factor is None:
         raise ValueError(f"--rope {args.rope} needs --rope-factor F (the context extension, e.g. 4)")
     rope = RopeScaling(method=args.rope, factor=factor)
@@ -165,7 +167,7 @@ def _read_ids(path: str, tokenizer, max_tokens: int | None = None) -> list[int]:
                          "convert it to UTF-8 first") from error
     ids = tokenizer.encode(text, add_special_tokens=True)
     if len(ids) < 2:
-        raise ValueError(f"text file {path!r} holds {len(ids) - 1} tokens of text; pass a file with some text")
+        raise ValueError(f"text file {path!r} contains no text ({len(ids) - 1} tokens); pass a file with some text")
     return ids[:max_tokens] if max_tokens else ids
 
 

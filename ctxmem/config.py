@@ -11,7 +11,7 @@ PERPLEXITY_METHODS = ("dense", "window", "streaming", "recompute", "landmarks") 
 
 
 class CacheConfig(BaseModel):
-    """How a session's KV budget is split: sinks, landmark slots and the sliding window.
+    """The split of a session's KV budget into sinks, landmark slots and the sliding window.
 
     `sinks` is a number of leading tokens kept forever (StreamingLLM's attention sinks) or
     "system" to pin the whole leading system message, so an agent's instructions are never
@@ -61,7 +61,7 @@ class CacheConfig(BaseModel):
 
 
 class LandmarkConfig(BaseModel):
-    """How evicted chunks become landmarks and which of them fill the cache's landmark slots.
+    """Settings that turn evicted chunks into landmarks and choose which fill the landmark slots.
 
     `source` "recompute" encodes each chunk afresh over [sinks + chunk] at positions 0..;
     "window" takes the chunk's keys and values from the window as it is evicted (cheaper, for

@@ -30,7 +30,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class FeedResult:
-    """What one `Stream.feed` call produced.
+    """The result of one `Stream.feed` call.
 
     `next_logits` [vocab] predicts the token after the input. `nll` [n] holds, when scoring was
     asked, the negative log-likelihood of each input token that had a prediction (every token
@@ -103,7 +103,10 @@ class Stream:
             piece = ids[start:start + min(self.cache.room(), self.config.chunk)]
             pinning = self.cache.length < self.cache.pinned
             logits = self._forward(piece, all_logits=score)  # [piece or 1, vocab]
-            (self._pinned_ids if pinning else self._window_ids).extend(piece)
+            if pinning:
+                self._pinned_ids.extend(piece)
+            else:
+                self._window_ids.extend(piece)
             self.peak_entries = max(self.peak_entries, self.cache.length)
             if score:
                 losses.append(self._piece_nll(piece, logits))

@@ -24,6 +24,7 @@ from ctxmem.cache import StreamingCache
 from ctxmem.config import PERPLEXITY_METHODS as METHODS, CacheConfig, LandmarkConfig
 from ctxmem.landmarks.memory import LandmarkMemory
 from ctxmem.rope import rotary_spec
+from ctxmem.rope_scaling import max_cache_positions
 from ctxmem.stream import Stream
 
 logger = logging.getLogger(__name__)
@@ -84,7 +85,7 @@ def streaming_nll(model: PreTrainedModel, ids: list[int], config: CacheConfig, p
 
 
 class AbsoluteWindowCache(StreamingCache):
-    """The naive sliding window: evicted tokens leave, but kept keys keep their absolute positions."""
+    """Cache of the naive sliding window: evicted tokens leave, and kept keys keep their absolute positions."""
 
     def evict(self, count: int) -> None:
         start, end = self.window_start, self.length
@@ -125,7 +126,7 @@ def dense_nll(model: PreTrainedModel, ids: list[int], config: CacheConfig, progr
 def recompute_nll(model: PreTrainedModel, ids: list[int], config: CacheConfig, progress: Progress) -> torch.Tensor:
     """Encode each chunk afresh after the sinks and up to `window - chunk` tokens before it."""
     sinks = config.sinks if isinstance(config.sinks, int) else 4
-    window = Stream(model, config).cache.window
+    window = config.window_for(sinks, max_cache_positions(model.config))
     context = window - config.chunk
     losses = []
     for start in range(0, len(ids), config.chunk):
