@@ -1,4 +1,4 @@
-"""Perplexity of a long text under four ways of holding context, for `ctxmem eval ppl`.
+"""Perplexity of a long text under five ways of holding context, for `ctxmem eval ppl`.
 
 - `dense`: full attention over everything, absolute positions (fails past the trained length);
 - `window`: the last `window` tokens, absolute positions, no sinks (the naive baseline);
