@@ -1,4 +1,4 @@
-"""Shared fixtures: the reference model, real Redis under a test prefix, tiny random models."""
+"""Shared fixtures: the reference model, real Redis under a test prefix, a private Redis, tiny models."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM
 
 from ctxmem.model import REFERENCE_MODEL_DIR, load_model
 from ctxmem.reference import corpus
+from tests.private_redis import PrivateRedis
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 
@@ -55,6 +56,17 @@ def redis_client() -> Iterator[tuple[redis.Redis, str]]:
     for key in client.scan_iter(match=f"{prefix}*"):
         client.delete(key)
     client.close()
+
+
+@pytest.fixture
+def private_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
+    """A started private redis-server for outage tests, killed after the test."""
+    server = PrivateRedis(tmp_path)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.kill()
 
 
 @pytest.fixture

@@ -1,19 +1,15 @@
 """The landmark store against real Redis: round trips, keys, TTL, bad input, and an outage.
 
-The outage tests run a private redis-server on a free loopback port with an append-only file,
-stop it mid-way and start it again on the same port and data folder.
+The outage tests run a private redis-server (the `private_redis` fixture of conftest.py) on a
+free loopback port with an append-only file, stop it mid-way and start it again on the same port
+and data folder.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import socket
-import subprocess
-import time
 from datetime import datetime
-from pathlib import Path
-from typing import Iterator
 
 import msgpack
 import pytest
@@ -381,60 +377,6 @@ def test_invalid_record_rejected(changes, message):
 
 
 # Redis outage
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-class PrivateRedis:
-    """A redis-server on a free loopback port with an append-only file in `folder`."""
-
-    password = "s3cret-pass"
-
-    def __init__(self, folder: Path):
-        self.folder = folder
-        self.port = free_port()
-        self.url = f"redis://:{self.password}@127.0.0.1:{self.port}/0"
-        self.process: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        self.process = subprocess.Popen(
-            ["redis-server", "--bind", "127.0.0.1", "--port", str(self.port), "--save", "",
-             "--appendonly", "yes", "--appendfsync", "always", "--dir", str(self.folder),
-             "--requirepass", self.password],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
-        client = redis.Redis(host="127.0.0.1", port=self.port, password=self.password)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                client.ping()
-                break
-            except (redis.ConnectionError, redis.exceptions.BusyLoadingError):
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.02)
-        client.close()
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            self.process.wait(timeout=10)
-
-
-@pytest.fixture
-def private_redis(tmp_path) -> Iterator[PrivateRedis]:
-    server = PrivateRedis(tmp_path)
-    server.start()
-    try:
-        yield server
-    finally:
-        if server.process is not None and server.process.poll() is None:
-            server.process.kill()
-            server.process.wait(timeout=10)
 
 
 def test_outage_queues_then_flushes(private_redis, caplog):
