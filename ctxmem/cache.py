@@ -1,15 +1,16 @@
 """A bounded KV cache for transformers decoder models: attention sinks, landmark slots, a window.
 
-Layout of every layer's buffer, `capacity = pinned + landmark_slots + window` entries long:
+Layout of every layer's buffer, `capacity = pinned + landmark_slots + retrieval_slots + window`
+entries long:
 
-    [ pinned (sinks or the system message) | landmark slots | window ]
+    [ pinned (sinks or the system message) | landmark slots | retrieval region | window ]
 
 Invariant: every cached key is rotated to its own index in the buffer, and new tokens take the
 next indices, so RoPE positions stay in [0, capacity) however long the stream runs. When the
 next input would overflow the window, whole chunks leave its oldest end and the keys after them
 are re-rotated back by the number of evicted tokens (the StreamingLLM scheme, arXiv 2309.17453).
-Landmark entries arrive un-rotated and are rotated to their slot index when placed; placing
-more or fewer of them moves the window, re-rotated by the change.
+Landmark entries and retrieved chunks arrive un-rotated and are rotated to their slot index
+when placed; placing more or fewer of them moves the window, re-rotated by the change.
 """
 
 from __future__ import annotations
@@ -95,37 +96,40 @@ class StreamingCache(Cache):
     """The per-session cache: one StreamingLayer per decoder layer, sharing one layout.
 
     Parameters: `pinned` leading entries are never evicted (the attention sinks, or the whole
-    system message); `landmark_slots` entries after them hold landmarks (empty until placed);
-    the `window` most recent tokens follow. Eviction takes whole `chunk`-token blocks from the
+    system message); `landmark_slots` entries after them hold landmarks and `retrieval_slots`
+    entries hold restored chunks (both empty until placed); the `window` most recent tokens follow. Eviction takes whole `chunk`-token blocks from the
     oldest end of the window, so a chat template's structure is never split inside the pinned
     region. `spec` is the model's rotation (see ctxmem.rope.rotary_spec).
     """
 
     def __init__(self, num_layers: int, spec: RotarySpec, pinned: int, window: int, chunk: int,
-                 landmark_slots: int = 0):
-        if pinned < 0 or landmark_slots < 0:
-            raise ValueError(f"pinned ({pinned}) and landmark_slots ({landmark_slots}) must be >= 0")
+                 landmark_slots: int = 0, retrieval_slots: int = 0):
+        if min(pinned, landmark_slots, retrieval_slots) < 0:
+            raise ValueError(f"pinned ({pinned}), landmark_slots ({landmark_slots}) and retrieval_slots "
+                             f"({retrieval_slots}) must be >= 0")
         if not 1 <= chunk <= window:
             raise ValueError(f"chunk must be between 1 and the window ({window}), got {chunk}; lower the chunk size")
-        self.capacity = pinned + landmark_slots + window
+        self.capacity = pinned + landmark_slots + retrieval_slots + window
         super().__init__(layers=[StreamingLayer(self.capacity) for _ in range(num_layers)])
         self.spec = spec
         self.pinned = pinned
         self.landmark_slots = landmark_slots
+        self.retrieval_slots = retrieval_slots
         self.window = window
         self.chunk = chunk
         self.landmarks = 0  # landmark slots in use
+        self.retrieved = 0  # retrieval slots in use
         self.evicted_tokens = 0
         self.eviction_events = 0
 
     @property
     def length(self) -> int:
-        """Entries in use: pinned + landmarks + window tokens."""
+        """Entries in use: pinned + landmarks + retrieved + window tokens."""
         return self.layers[0].length
 
     @property
     def window_start(self) -> int:
-        return self.pinned + self.landmarks
+        return self.pinned + self.landmarks + self.retrieved
 
     @property
     def window_length(self) -> int:
@@ -188,25 +192,34 @@ class StreamingCache(Cache):
         self.eviction_events += 1
         logger.debug("evicted %d window tokens; %d of %d entries in use", count, self.length, self.capacity)
 
-    def place_landmarks(self, keys: list[torch.Tensor], values: list[torch.Tensor]) -> None:
-        """Replace the landmark entries with `keys`, `values`: per layer [batch, kv_heads, n, head_dim].
+    def place_landmarks(self, keys: list[torch.Tensor], values: list[torch.Tensor], retrieved: int = 0) -> None:
+        """Replace the memory entries with `keys`, `values`: per layer [batch, kv_heads, n, head_dim].
 
-        Keys come without RoPE and are rotated to their slot indices pinned..pinned+n-1. The
+        The first n - `retrieved` entries are landmarks, the last `retrieved` are restored chunk
+        tokens. Keys come without RoPE and are rotated to their indices pinned..pinned+n-1. The
         window moves to start right after them, its keys re-rotated by the change.
         """
         count = keys[0].shape[-2]
-        if count > self.landmark_slots:
-            raise ValueError(f"{count} landmarks exceed the {self.landmark_slots} landmark slots; "
+        if count - retrieved > self.landmark_slots or retrieved > self.retrieval_slots:
+            raise ValueError(f"{count - retrieved} landmarks and {retrieved} retrieved entries exceed the "
+                             f"{self.landmark_slots} landmark and {self.retrieval_slots} retrieval slots; "
                              "select fewer or configure more slots")
         if self.length < self.pinned:
             raise ValueError("landmarks can only be placed once the pinned region is full")
-        start, end, shift = self.window_start, self.length, count - self.landmarks
+        start, end, shift = self.window_start, self.length, count - self.landmarks - self.retrieved
         slots = torch.arange(self.pinned, self.pinned + count)
         for layer, layer_keys, layer_values in zip(self.layers, keys, values):
             layer.move(start, end, start + shift, self.spec)
             layer.write(self.pinned, rotate(layer_keys, slots, self.spec), layer_values)
             layer.length = end + shift
-        self.landmarks = count
+        self.landmarks, self.retrieved = count - retrieved, retrieved
+
+    def rollback(self, count: int) -> None:
+        """Forget the `count` newest window entries, so that they can be encoded again."""
+        if not 0 <= count <= self.window_length:
+            raise ValueError(f"cannot roll back {count} entries of a window holding {self.window_length}")
+        for layer in self.layers:
+            layer.length -= count
 
     def positions(self, count: int, device: torch.device | None = None) -> torch.Tensor:
         """Return the positions of the next `count` tokens: their indices in the cache [1, count]."""

@@ -13,7 +13,8 @@ class Saturation(BaseModel):
     peak_entries: int  # the most entries in use at any point, between forwards
     budget: int
     pinned: int
-    landmarks: int
+    landmarks: int  # landmark entries in the cache
+    retrieved: int = 0  # entries of chunks restored by the retrieve policy
     window_tokens: int
     evicted_tokens: int
     eviction_events: int

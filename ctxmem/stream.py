@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel
 
+from ctxmem.attention import hooked, install
 from ctxmem.cache import StreamingCache
 from ctxmem.config import SYSTEM_SINKS, CacheConfig
 from ctxmem.generation import check_sampling
@@ -48,16 +49,18 @@ class Stream:
     (the rendered system message); otherwise it is built at once with `sinks` pinned tokens.
     `on_saturation` is called with a Saturation after every feed and every generated token.
     With a `memory`, every evicted chunk becomes a landmark and the memory's selection fills
-    the cache's landmark slots.
+    the cache's landmark slots (and, with `retrieve`, its retrieval region). Policies that score
+    landmarks against queries re-select at each eviction and, via `refresh`, before a reply.
     """
 
     def __init__(self, model: PreTrainedModel, config: CacheConfig | None = None,
                  on_saturation: Callable[[Saturation], None] | None = None, memory: LandmarkMemory | None = None):
         self.model = model
         self.config = config or CacheConfig()
-        if memory is not None and self.config.landmark_slots < memory.config.centroids:
-            raise ValueError(f"a landmark memory needs landmark_slots >= {memory.config.centroids} in the cache "
-                             f"config, got {self.config.landmark_slots}")
+        if memory is not None:
+            check_memory_fits(memory, self.config)
+            if memory.hooks_attention:
+                install(model)
         self.on_saturation = on_saturation
         self.memory = memory
         self.spec = rotary_spec(model)
@@ -68,6 +71,7 @@ class Stream:
         self._next_logits: torch.Tensor | None = None  # [vocab]
         self._pinned_ids: list[int] = []
         self._window_ids: list[int] = []  # token ids of the window, oldest first
+        self._last_piece: list[int] = []
         if self.config.sinks != SYSTEM_SINKS:
             self.cache = self._build_cache(self.config.sinks)
 
@@ -76,7 +80,8 @@ class Stream:
         logger.debug("cache: %d pinned + %d landmark slots + window %d, chunk %d",
                      pinned, self.config.landmark_slots, window, self.config.chunk)
         return StreamingCache(self.model.config.num_hidden_layers, self.spec, pinned=pinned, window=window,
-                              chunk=self.config.chunk, landmark_slots=self.config.landmark_slots)
+                              chunk=self.config.chunk, landmark_slots=self.config.landmark_slots,
+                              retrieval_slots=self.config.retrieval_slots)
 
     def pin(self, ids: list[int], score: bool = False) -> FeedResult:
         """Start the stream with `ids` pinned forever (sinks="system"): the cache is sized here."""
@@ -111,6 +116,7 @@ class Stream:
             if score:
                 losses.append(self._piece_nll(piece, logits))
             self._next_logits = logits[-1]
+            self._last_piece = [] if pinning else piece
             start += len(piece)
 
         self.tokens_seen += len(ids)
@@ -121,7 +127,7 @@ class Stream:
         """Evict one chunk from the full window; with a memory, turn it into a landmark and re-place."""
         cache = self.cache
         count = cache.eviction_size(1)
-        wants_window_kv = self.memory is not None and self.memory.config.source == "window"
+        wants_window_kv = self.memory is not None and self.memory.needs_window_kv
         window_kv = cache.window_entries(count) if wants_window_kv else None
         token_start = cache.pinned + cache.evicted_tokens
         cache.evict(count)
@@ -129,17 +135,45 @@ class Stream:
         if self.memory is None:
             return
         self.memory.add(self._pinned_ids, evicted, token_start, window_kv)
-        cache.place_landmarks(*self.memory.placement(self.model.device))
+        self._place()
+
+    def _place(self, selection=None) -> None:
+        cache = self.cache
+        cache.place_landmarks(*self.memory.placement(self.model.device, cache.pinned, cache.capacity, selection))
+
+    @torch.no_grad()
+    def refresh(self) -> bool:
+        """Re-select landmarks with the queries of the last piece fed, and encode it again if they changed.
+
+        Generation calls this after the prompt, so a reply starts from the landmarks (or restored
+        chunks) that match the question rather than those chosen at the last eviction. Returns
+        whether the selection changed.
+        """
+        memory, piece = self.memory, self._last_piece
+        if memory is None or not memory.config.uses_queries or not memory.landmarks or len(piece) < 2:
+            return False
+        selection = memory.select()
+        if selection == memory.selection:
+            return False
+        self.cache.rollback(len(piece))
+        self._place(selection)
+        self._next_logits = self._forward(piece, all_logits=False)[-1]
+        logger.debug("re-selected landmarks for a reply and encoded its last %d tokens again", len(piece))
+        return True
 
     def _forward(self, piece: list[int], all_logits: bool) -> torch.Tensor:
         device = self.model.device
-        output = self.model(
-            input_ids=torch.tensor([piece], device=device),  # [1, piece]
-            cache=self.cache,
-            position_ids=self.cache.positions(len(piece), device=device),  # [1, piece]
-            use_cache=True,
-            logits_to_keep=0 if all_logits else 1,
-        )
+        hook = self.memory if self.memory is not None and self.memory.hooks_attention else None
+        if hook is not None:
+            hook.queries.begin(self.cache.length)
+        with hooked(hook):
+            output = self.model(
+                input_ids=torch.tensor([piece], device=device),  # [1, piece]
+                cache=self.cache,
+                position_ids=self.cache.positions(len(piece), device=device),  # [1, piece]
+                use_cache=True,
+                logits_to_keep=0 if all_logits else 1,
+            )
         return output.logits[0]
 
     def _piece_nll(self, piece: list[int], logits: torch.Tensor) -> torch.Tensor:
@@ -160,7 +194,10 @@ class Stream:
         """
         check_sampling(max_new_tokens, temperature, top_p)
         generator = torch.Generator().manual_seed(seed)
-        logits = self.feed(prompt_ids).next_logits if prompt_ids else self._next_logits
+        if prompt_ids:
+            self.feed(prompt_ids)
+            self.refresh()
+        logits = self._next_logits
         if logits is None:
             raise ValueError("generate() needs a prompt or earlier input to continue from")
         for _ in range(max_new_tokens):
@@ -177,7 +214,7 @@ class Stream:
                               window_tokens=0, evicted_tokens=0, eviction_events=0)
         return Saturation(tokens_seen=self.tokens_seen, entries_used=cache.length, peak_entries=self.peak_entries,
                           budget=cache.capacity,
-                          pinned=min(cache.pinned, cache.length), landmarks=cache.landmarks,
+                          pinned=min(cache.pinned, cache.length), landmarks=cache.landmarks, retrieved=cache.retrieved,
                           window_tokens=cache.window_length, evicted_tokens=cache.evicted_tokens,
                           eviction_events=cache.eviction_events)
 
@@ -187,6 +224,17 @@ class Stream:
                      saturation.entries_used, saturation.budget, saturation.tokens_seen, saturation.evicted_tokens)
         if self.on_saturation is not None:
             self.on_saturation(saturation)
+
+
+def check_memory_fits(memory: LandmarkMemory, config: CacheConfig) -> None:
+    """Raise ValueError when the cache config has too few slots for the memory's settings."""
+    settings = memory.config
+    if settings.policy != "retrieve" and config.landmark_slots < settings.centroids:
+        raise ValueError(f"a landmark memory needs landmark_slots >= {settings.centroids} in the cache "
+                         f"config, got {config.landmark_slots}")
+    if settings.policy == "retrieve" and config.retrieval_slots < settings.retrieve * config.chunk:
+        raise ValueError(f"restoring {settings.retrieve} chunks of {config.chunk} tokens needs retrieval_slots >= "
+                         f"{settings.retrieve * config.chunk}, got {config.retrieval_slots}")
 
 
 def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> int:

@@ -55,8 +55,9 @@ def evaluate(model: PreTrainedModel, ids: list[int], method: str, config: CacheC
         raise ValueError(f"the text has {len(ids)} tokens; perplexity needs at least 2")
     progress = progress or (lambda n: None)
     if method == "landmarks":
-        if config.landmark_slots == 0:
-            raise ValueError("method 'landmarks' needs landmark slots; pass --landmarks L (1 or more)")
+        if config.landmark_slots == 0 and config.retrieval_slots == 0:
+            raise ValueError("method 'landmarks' needs landmark slots; pass --landmarks L (1 or more), "
+                             "or --landmark-policy retrieve with --retrieve K")
         memory = LandmarkMemory(model, rotary_spec(model), landmarks or LandmarkConfig(), config.landmark_slots)
         return summarize(method, streaming_nll(model, ids, config, progress, Stream(model, config, memory=memory)))
     scorer = {"dense": dense_nll, "window": window_nll, "streaming": streaming_nll, "recompute": recompute_nll}

@@ -2,8 +2,10 @@
 
 `LandmarkMemory.add` turns one evicted chunk into a landmark (recomputed over [sinks + chunk],
 or taken from the window KV at eviction time), writes it to the landmark store when one is
-given, and `placement` returns the keys and values of the selected landmarks in the layout
-`StreamingCache.place_landmarks` takes.
+given, and keeps the chunk's full KV when the `retrieve` policy may restore it. `placement`
+returns the selected landmarks and restored chunks in the layout `StreamingCache.place_landmarks`
+takes. The memory is also the attention hook of its stream (see ctxmem.attention): it logs the
+latest queries for the policies that score landmarks, and biases landmark entries by log(count).
 """
 
 from __future__ import annotations
@@ -17,12 +19,15 @@ from transformers import PreTrainedModel
 from ctxmem.config import LandmarkConfig
 from ctxmem.fingerprint import model_fingerprint
 from ctxmem.landmarks.builder import compress, encode_chunk
-from ctxmem.landmarks.policies import make_policy
+from ctxmem.landmarks.policies import Selection, make_policy
+from ctxmem.landmarks.scoring import QueryLog, score
 from ctxmem.rope import RotarySpec
 from ctxmem.store.landmarks import LandmarkStore
-from ctxmem.store.records import Landmark
+from ctxmem.store.records import Chunk, Landmark
 
 logger = logging.getLogger(__name__)
+
+Placement = tuple[list[torch.Tensor], list[torch.Tensor], int]  # per-layer keys, values; retrieved entries
 
 
 class LandmarkMemory:
@@ -35,44 +40,121 @@ class LandmarkMemory:
     def __init__(self, model: PreTrainedModel, spec: RotarySpec, config: LandmarkConfig, slots: int,
                  store: LandmarkStore | None = None, session_id: str = "stream",
                  decode: Callable[[list[int]], str] | None = None):
-        if slots < config.centroids:
+        if slots < config.centroids and config.policy != "retrieve":
             raise ValueError(f"{slots} landmark slots cannot hold one landmark of {config.centroids} centroids; "
-                             "raise landmark_slots or lower centroids")
+                             "raise landmark_slots (--landmarks L) or lower centroids")
         self.model, self.spec, self.config = model, spec, config
         self.capacity = slots // config.centroids  # landmarks placed at once
-        self.policy = make_policy(config.policy)
+        self.policy = make_policy(config.policy, config.retrieve)
         self.store, self.session_id = store, session_id
         self.decode = decode or (lambda ids: "")
         self.fingerprint = model_fingerprint(model)
         self.landmarks: list[Landmark] = []
+        self.chunks: list[tuple[torch.Tensor, torch.Tensor]] = []  # full un-rotated KV, kept for `retrieve`
+        self.queries = QueryLog(model.config.num_hidden_layers, config.query_tokens)
+        self.selection: Selection | None = None
+        self._bias: list[torch.Tensor] | None = None  # per layer [capacity]
         self.written = 0
         self.injected = 0
+        self.retrieved = 0
+
+    @property
+    def hooks_attention(self) -> bool:
+        """Whether the stream must run this memory as its attention hook."""
+        return self.config.uses_queries or self.config.bias
+
+    @property
+    def needs_window_kv(self) -> bool:
+        """Whether `add` needs the evicted chunk's KV from the window."""
+        return self.config.source == "window" or self.config.policy == "retrieve"
 
     def add(self, sink_ids: list[int], chunk_ids: list[int], token_start: int,
             window_kv: tuple[torch.Tensor, torch.Tensor] | None = None) -> Landmark:
-        """Build the landmark of one evicted chunk; `window_kv` is its un-rotated KV from the window."""
-        if self.config.source == "window" and window_kv is not None:
+        """Build the landmark of one evicted chunk; `window_kv` is its un-rotated KV from the window.
+
+        The `retrieve` policy keeps the window KV itself, the exact entries the model computed
+        in context, so that a restored chunk is what the cache held before it was evicted.
+        """
+        index = len(self.landmarks)
+        if self.config.policy == "retrieve":
+            self._keep_chunk(index, token_start, chunk_ids, *window_kv)
+        if self.config.source == "window":
             keys, values = window_kv  # [layers, kv_heads, chunk, head_dim]
         else:
             keys, values = encode_chunk(self.model, self.spec, sink_ids, chunk_ids)
-        keys, values = compress(keys, values, self.config.centroids)
+        mean_keys, mean_values = compress(keys, values, self.config.centroids)
         compression = "mean" if self.config.centroids == 1 else f"centroids:{self.config.centroids}"
         landmark = Landmark.from_tensors(
-            session_id=self.session_id, index=len(self.landmarks), token_start=token_start,
+            session_id=self.session_id, index=index, token_start=token_start,
             token_end=token_start + len(chunk_ids), text=self.decode(chunk_ids), fingerprint=self.fingerprint,
-            keys=keys.cpu(), values=values.cpu(), compression=compression,
+            keys=mean_keys.cpu(), values=mean_values.cpu(), compression=compression,
         )
         self.landmarks.append(landmark)
         if self.store is not None:
             status = self.store.put(landmark)
             self.written += status != "pending"
-        logger.debug("landmark %d over tokens %d-%d", landmark.record.index, token_start, landmark.record.token_end)
+        logger.debug("landmark %d over tokens %d-%d", index, token_start, landmark.record.token_end)
         return landmark
 
-    def placement(self, device: torch.device) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Return the selected landmarks' keys and values, per layer [1, kv_heads, n, head_dim]."""
-        chosen = [self.landmarks[i] for i in self.policy.select(self.landmarks, self.capacity)]
-        self.injected = len(chosen)
-        keys = torch.cat([landmark.keys for landmark in chosen], dim=2).to(device)  # [layers, kv_heads, n, head_dim]
-        values = torch.cat([landmark.values for landmark in chosen], dim=2).to(device)
-        return [layer[None] for layer in keys], [layer[None] for layer in values]
+    def _keep_chunk(self, index: int, token_start: int, chunk_ids: list[int], keys: torch.Tensor,
+                    values: torch.Tensor) -> None:
+        """Keep the chunk's full KV for `retrieve`, and store it beside its landmark."""
+        keys, values = keys.cpu(), values.cpu()
+        self.chunks.append((keys, values))
+        if self.store is not None:
+            self.store.put_chunk(Chunk.from_tensors(
+                session_id=self.session_id, index=index, token_start=token_start, fingerprint=self.fingerprint,
+                keys=keys, values=values, token_ids=torch.tensor(chunk_ids, dtype=torch.int64)))
+
+    def select(self) -> Selection:
+        """Run the policy over the landmarks, with query scores when it uses them."""
+        scores = None
+        if self.config.uses_queries and self.queries.ready and self.landmarks:
+            keys = torch.stack([torch.stack(list(landmark.keys)) for landmark in self.landmarks], dim=1)
+            scores = score(self.queries, keys, self.spec)  # [layers, n]; keys [layers, n, kv_heads, entries, head_dim]
+        layers = self.model.config.num_hidden_layers
+        return self.policy.select(len(self.landmarks), self.capacity, layers, scores)
+
+    def placement(self, device: torch.device, pinned: int, capacity: int,
+                  selection: Selection | None = None) -> Placement:
+        """Return the selected entries per layer [1, kv_heads, n, head_dim] and the restored count.
+
+        Per layer: the selected landmarks' entries, then the restored chunks' tokens. `pinned`
+        is where the memory region starts in a cache of `capacity` entries (for the bias).
+        """
+        self.selection = selection or self.select()
+        keys, values = [], []
+        for layer, (chosen, restored) in enumerate(zip(self.selection.landmarks, self.selection.chunks)):
+            layer_keys = [self.landmarks[i].keys[layer] for i in chosen] + [self.chunks[i][0][layer] for i in restored]
+            layer_values = [self.landmarks[i].values[layer] for i in chosen] + [self.chunks[i][1][layer] for i in restored]
+            keys.append(torch.cat(layer_keys, dim=1)[None].to(device))  # [1, kv_heads, n, head_dim]
+            values.append(torch.cat(layer_values, dim=1)[None].to(device))
+        self.injected = len(self.selection.landmarks[0])
+        self.retrieved = len(self.selection.chunks[0])
+        retrieved_entries = sum(self.chunks[i][0].shape[2] for i in self.selection.chunks[0])
+        self._bias = self._log_count_bias(pinned, capacity, device) if self.config.bias else None
+        return keys, values, retrieved_entries
+
+    def _log_count_bias(self, pinned: int, capacity: int, device: torch.device) -> list[torch.Tensor]:
+        """Per layer [capacity]: log(tokens per entry) on each landmark entry, 0 elsewhere.
+
+        NOTE: a centroid stands for tokens_in_chunk / centroids tokens here, not its cluster's
+        actual size, which the record does not keep.
+        """
+        biases = []
+        for chosen in self.selection.landmarks:
+            spans = torch.tensor([float(self.landmarks[i].record.token_end - self.landmarks[i].record.token_start)
+                                  for i in chosen])
+            entries = (spans / self.config.centroids).log().repeat_interleave(self.config.centroids)
+            bias = torch.zeros(capacity)
+            bias[pinned:pinned + len(entries)] = entries
+            biases.append(bias.to(device))
+        return biases
+
+    def observe(self, layer: int, query: torch.Tensor) -> None:
+        if self.config.uses_queries:
+            self.queries.observe(layer, query)
+
+    def key_bias(self, layer: int, kv_length: int) -> torch.Tensor | None:
+        """The log-count bias of the first `kv_length` cache entries, or None without landmarks."""
+        return None if self._bias is None else self._bias[layer][:kv_length]
