@@ -21,7 +21,7 @@ from rich.console import Console
 from rich.progress import Progress, TextColumn
 from rich.table import Table
 
-from ctxmem.config import PERPLEXITY_METHODS
+from ctxmem.config import PASS_KEY_METHODS, PERPLEXITY_METHODS
 
 logger = logging.getLogger(__name__)
 
@@ -65,12 +65,34 @@ def build_parser() -> argparse.ArgumentParser:
     _add_cache_options(ppl)
     _add_landmark_options(ppl, storage=False)
     ppl.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    _add_passkey_parser(measures)
 
     demo = commands.add_parser("demo", help="run the main job on the reference model")
     _add_model_options(demo)
     demo.add_argument("--redis-url", help="Redis URL (default: $CTXMEM_REDIS_URL, else the embedded server)")
     demo.add_argument("--json", action="store_true", help="print JSON instead of tables")
     return parser
+
+
+def _add_passkey_parser(measures) -> None:
+    passkey = measures.add_parser(
+        "passkey", help="pass-key accuracy with the key stated a given number of tokens before the question")
+    passkey.add_argument("--method", default="streaming", choices=PASS_KEY_METHODS,
+                         help="streaming, landmarks (streaming with --landmarks L), or dense: full attention at "
+                              "absolute positions, which keeps every prompt token, so its memory and time grow "
+                              "with the distance")
+    passkey.add_argument("--distances", default="512,2048,8192,16384",
+                         help="comma-separated distances, each the number of filler tokens between the "
+                              "statement and the question")
+    passkey.add_argument("--trials", type=int, default=10, help="prompts per distance, each with a new key")
+    passkey.add_argument("--seed", type=int, default=0,
+                         help="seed of the keys, filler offsets and prefix lengths")
+    passkey.add_argument("--filler", help="UTF-8 text file that supplies the filler; it needs at least as many "
+                                          "tokens as the largest distance (default: Hamlet, held out of training)")
+    _add_model_options(passkey)
+    _add_cache_options(passkey)
+    _add_landmark_options(passkey, storage=False)
+    passkey.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
 
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
@@ -110,7 +132,13 @@ def _load(args: argparse.Namespace):
 
 def _add_landmark_options(parser: argparse.ArgumentParser, storage: bool) -> None:
     parser.add_argument("--landmarks", type=int, default=0, help="landmarks placed in the cache (0: none)")
-    parser.add_argument("--landmark-policy", default="recent", choices=["recent"], help="which landmarks fill the slots")
+    parser.add_argument("--landmark-policy", default="recent", choices=["recent", "relevant", "retrieve"],
+                        help="which landmarks fill the slots: the newest, the best match for the current "
+                             "queries, or retrieve whole chunks (with --retrieve K)")
+    parser.add_argument("--retrieve", type=int, default=0,
+                        help="chunks restored whole by --landmark-policy retrieve (each takes --chunk entries)")
+    parser.add_argument("--landmark-bias", action="store_true",
+                        help="add log(tokens per entry) to the attention logits of landmark entries")
     parser.add_argument("--centroids", type=int, default=1, help="cache entries per landmark (1: the mean)")
     parser.add_argument("--landmark-source", default="recompute", choices=["recompute", "window"],
                         help="encode evicted chunks afresh, or take their KV from the window")
@@ -125,14 +153,17 @@ def _cache_config(args: argparse.Namespace):
 
     if args.landmarks < 0:
         raise ValueError(f"invalid --landmarks {args.landmarks}; use 0 (none) or more")
+    if args.retrieve < 0:
+        raise ValueError(f"invalid --retrieve {args.retrieve}; use 0 (none) or more chunks")
     return CacheConfig(sinks=args.sinks, window=args.window, chunk=args.chunk,
-                       landmark_slots=args.landmarks * args.centroids)
+                       landmark_slots=args.landmarks * args.centroids, retrieval_slots=args.retrieve * args.chunk)
 
 
 def _landmark_config(args: argparse.Namespace):
     from ctxmem.config import LandmarkConfig
 
-    return LandmarkConfig(policy=args.landmark_policy, centroids=args.centroids, source=args.landmark_source)
+    return LandmarkConfig(policy=args.landmark_policy, centroids=args.centroids, source=args.landmark_source,
+                          retrieve=args.retrieve, bias=args.landmark_bias)
 
 
 def _landmark_memory(args: argparse.Namespace, model, tokenizer, config):
@@ -142,7 +173,7 @@ def _landmark_memory(args: argparse.Namespace, model, tokenizer, config):
     from ctxmem.store.keys import validate_session_id
     from ctxmem.store.landmarks import LandmarkStore
 
-    if args.landmarks == 0:
+    if args.landmarks == 0 and args.retrieve == 0:
         return None
     stored = args.session is not None or args.redis is not None
     session_id = validate_session_id(args.session or f"run-{uuid.uuid4().hex[:12]}")
@@ -172,9 +203,9 @@ def _read_ids(path: str, tokenizer, max_tokens: int | None = None) -> list[int]:
 
 
 @contextmanager
-def _progress(console: Console, total: int, label: str, quiet: bool):
-    """A rich progress bar over `total` tokens (silent for --json); yields an advance(n) callback."""
-    with Progress(*Progress.get_default_columns(), TextColumn("{task.completed} tokens"), console=console,
+def _progress(console: Console, total: int, label: str, quiet: bool, unit: str = "tokens"):
+    """A rich progress bar over `total` units (silent for --json); yields an advance(n) callback."""
+    with Progress(*Progress.get_default_columns(), TextColumn(f"{{task.completed}} {unit}"), console=console,
                   disable=quiet, transient=True) as progress:
         task = progress.add_task(label, total=total)
         yield lambda n: progress.advance(task, n)
@@ -286,11 +317,74 @@ def run_eval(args: argparse.Namespace, console: Console) -> None:
     console.print(table)
 
 
+def _parse_distances(text: str) -> list[int]:
+    """Parse --distances "512,2048" into token counts, rejecting non-integers, values below 1 and repeats."""
+    distances: list[int] = []
+    for part in text.split(","):
+        try:
+            distance = int(part.strip())
+        except ValueError:
+            raise ValueError(f"invalid --distances entry {part.strip()!r} in {text!r}; pass whole numbers of "
+                             "tokens separated by commas, such as 512,2048") from None
+        if distance < 1:
+            raise ValueError(f"invalid --distances entry {distance}; use distances of 1 or more tokens")
+        if distance in distances:
+            raise ValueError(f"distance {distance} is listed twice in --distances {text!r}; "
+                             "list each distance once")
+        distances.append(distance)
+    return distances
+
+
+def _filler_ids(path: str | None, tokenizer) -> list[int]:
+    """Tokenize the filler file without BOS, or by default the first held-out play."""
+    from ctxmem.reference import corpus
+
+    if path is None:
+        return tokenizer.encode(corpus.load_play(corpus.HELD_OUT_PLAYS[0]), add_special_tokens=False)
+    ids = _read_ids(path, tokenizer)
+    return ids[1:] if ids[0] == tokenizer.bos_token_id else ids
+
+
+def run_eval_passkey(args: argparse.Namespace, console: Console) -> None:
+    from ctxmem.eval.passkey import evaluate
+
+    distances = _parse_distances(args.distances)
+    if args.trials < 1:
+        raise ValueError(f"invalid --trials {args.trials}; use 1 or more")
+    if args.filler is not None and not Path(args.filler).exists():
+        raise FileNotFoundError(f"filler file {args.filler!r} not found; pass the path of a UTF-8 text file, "
+                                "or omit --filler to use the held-out play")
+    config = _cache_config(args)
+    model, tokenizer = _load(args)
+    filler_ids = _filler_ids(args.filler, tokenizer)
+    total = args.trials * len(distances)
+    with _progress(console, total, f"{args.method} pass key", args.json, unit="trials") as advance:
+        result = evaluate(model, tokenizer, filler_ids, args.method, config, landmarks=_landmark_config(args),
+                          distances=distances, trials=args.trials, seed=args.seed, progress=advance)
+    if args.json:
+        console.print_json(result.model_dump_json(include={"method", "distances"}))
+        return
+    table = Table("distance", "accuracy", "trials", title=f"{args.method}: pass-key accuracy")
+    for entry in result.distances:
+        table.add_row(str(entry.distance), f"{entry.accuracy:.0%}", str(entry.trials))
+    console.print(table)
+
+
+EVAL_MEASURES: dict[str, Callable[[argparse.Namespace, Console], None]] = {
+    "ppl": run_eval,
+    "passkey": run_eval_passkey,
+}
+
+
+def run_measure(args: argparse.Namespace, console: Console) -> None:
+    EVAL_MEASURES[args.measure](args, console)
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace, Console], None]] = {
     "info": run_info,
     "generate": run_generate,
     "run": run_run,
-    "eval": run_eval,
+    "eval": run_measure,
     "demo": run_demo,
 }
 

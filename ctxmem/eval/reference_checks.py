@@ -43,11 +43,22 @@ def perplexity(model: Model, tokenizer: Tokenizer, text: str, context: int = 256
     return float(torch.exp(torch.tensor(total_loss / total_tokens)))
 
 
-def pass_key_prompt(tokenizer: Tokenizer, key: str, filler_ids: list[int]) -> list[int]:
-    """Return BOS + statement + filler + question as token ids (the answer follows)."""
+def pass_key_ids(tokenizer: Tokenizer, key: str) -> tuple[list[int], list[int]]:
+    """Return the token ids of the statement of `key` and of the question, without BOS."""
     statement = tokenizer.encode(synthetic.PASS_KEY_STATEMENT.format(key=key), add_special_tokens=False)
     question = tokenizer.encode(synthetic.PASS_KEY_QUESTION, add_special_tokens=False)
+    return statement, question
+
+
+def pass_key_prompt(tokenizer: Tokenizer, key: str, filler_ids: list[int]) -> list[int]:
+    """Return BOS + statement + filler + question as token ids (the answer follows)."""
+    statement, question = pass_key_ids(tokenizer, key)
     return [tokenizer.bos_token_id] + statement + filler_ids + question
+
+
+def is_pass_key_answer(answer: str, key: str) -> bool:
+    """Return whether a decoded answer repeats `key` first, as the model was trained to answer."""
+    return answer.strip().startswith(key)
 
 
 def pass_key_accuracy(
@@ -69,7 +80,7 @@ def pass_key_accuracy(
         start = rng.randrange(len(filler_ids) - length)
         prompt = pass_key_prompt(tokenizer, key, filler_ids[start:start + length])
         answer = tokenizer.decode(generate_ids(model, prompt, max_new_tokens=7))
-        correct += answer.strip().startswith(key)
+        correct += is_pass_key_answer(answer, key)
 
     return correct / count
 
