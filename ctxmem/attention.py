@@ -75,9 +75,9 @@ def biased_mask(mask: torch.Tensor | None, bias: torch.Tensor, q_length: int, dt
 def install(model: PreTrainedModel) -> None:
     """Register the "ctxmem" attention function and switch `model` to it.
 
-    The SDPA mask function is registered under the same name: transformers builds no mask at
-    all for an attention name it has no mask function for, and SDPA would then treat a piece
-    fed after cached tokens as if nothing came before it.
+    The SDPA mask function is registered under the same name. Without it transformers builds no
+    mask for this attention name, and SDPA then lets a piece fed after cached tokens see only
+    the first keys of the cache.
 
     NOTE: the function runs SDPA, so models that need eager attention features (logit
     softcapping, as in Gemma 2) are refused.

@@ -137,6 +137,8 @@ def _add_landmark_options(parser: argparse.ArgumentParser, storage: bool) -> Non
                              "queries, or retrieve whole chunks (with --retrieve K)")
     parser.add_argument("--retrieve", type=int, default=0,
                         help="chunks restored whole by --landmark-policy retrieve (each takes --chunk entries)")
+    parser.add_argument("--query-tokens", type=int, default=1,
+                        help="latest queries that score landmarks for the relevant and retrieve policies")
     parser.add_argument("--landmark-bias", action="store_true",
                         help="add log(tokens per entry) to the attention logits of landmark entries")
     parser.add_argument("--centroids", type=int, default=1, help="cache entries per landmark (1: the mean)")
@@ -163,7 +165,7 @@ def _landmark_config(args: argparse.Namespace):
     from ctxmem.config import LandmarkConfig
 
     return LandmarkConfig(policy=args.landmark_policy, centroids=args.centroids, source=args.landmark_source,
-                          retrieve=args.retrieve, bias=args.landmark_bias)
+                          retrieve=args.retrieve, bias=args.landmark_bias, query_tokens=args.query_tokens)
 
 
 def _landmark_memory(args: argparse.Namespace, model, tokenizer, config):
@@ -287,6 +289,7 @@ def run_run(args: argparse.Namespace, console: Console) -> None:
         "session": memory.session_id if memory and memory.store else None,
         "landmarks_written": memory.written if memory else 0,
         "landmarks_injected": memory.injected if memory else 0,
+        "chunks_retrieved": memory.retrieved if memory else 0,
     }
     if args.json:
         console.print_json(json.dumps(summary))

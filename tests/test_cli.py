@@ -74,7 +74,7 @@ def test_run_streams_a_file_past_the_window(play_file):
     summary = json.loads(result.stdout)
     assert set(summary) == {"model", "tokens", "perplexity", "cache_budget", "cache_entries_max",
                             "evicted_tokens", "saturation", "seconds", "session", "landmarks_written",
-                            "landmarks_injected"}
+                            "landmarks_injected", "chunks_retrieved"}
     assert summary["cache_budget"] == 128
     assert summary["cache_entries_max"] == 128  # the window fills up before each eviction
     assert summary["evicted_tokens"] > summary["tokens"] - 128 - 32
@@ -100,6 +100,9 @@ def test_eval_ppl_reports_buckets(play_file):
     (["run", "{file}", "--rope", "bogus"], "invalid --rope 'bogus'"),
     (["run", "{file}", "--rope-factor", "2"], "has no effect with method 'none'"),
     (["run", "{file}", "--chunk", "300", "--window", "252"], "chunk (300) is larger than the window (252)"),
+    (["run", "{file}", "--landmark-policy", "retrieve", "--landmarks", "2"], "pass --retrieve K"),
+    (["run", "{file}", "--retrieve", "2"], "pass --landmark-policy retrieve"),
+    (["run", "{file}", "--retrieve", "-1"], "invalid --retrieve -1"),
 ])
 def test_stream_commands_reject_bad_input(play_file, tmp_path, args, message):
     empty = tmp_path / "empty.txt"
@@ -122,6 +125,26 @@ def test_run_writes_landmarks_to_redis(play_file, redis_client):
         assert summary["landmarks_injected"] == 3
         assert summary["landmarks_written"] == summary["evicted_tokens"] // 64
         assert client.zcard(f"ctxmem:{{{session}}}:landmarks") == summary["landmarks_written"]
+    finally:
+        for key in client.scan_iter(match=f"ctxmem:{{{session}}}:*"):
+            client.delete(key)
+        client.zrem("ctxmem:sessions", session)
+
+
+def test_run_retrieve_stores_chunks_beside_landmarks(play_file, redis_client):
+    client, prefix = redis_client
+    session = prefix.split(":")[-1]
+    result = run("run", str(play_file), "--landmark-policy", "retrieve", "--retrieve", "2", "--chunk", "32",
+                 "--session", session, "--redis", REDIS_URL, "--json")
+    try:
+        assert result.returncode == 0, result.stderr
+        summary = json.loads(result.stdout)
+        assert summary["chunks_retrieved"] == 2
+        assert summary["saturation"]["retrieved"] == 64
+        assert summary["cache_budget"] == 256
+        written = summary["evicted_tokens"] // 32
+        assert summary["landmarks_written"] == written
+        assert client.zcard(f"ctxmem:{{{session}}}:chunks") == written
     finally:
         for key in client.scan_iter(match=f"ctxmem:{{{session}}}:*"):
             client.delete(key)

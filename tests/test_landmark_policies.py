@@ -167,7 +167,8 @@ def test_refresh_places_the_selection_of_the_prompt_queries():
 
     stream.refresh()
     assert stream.memory.selection == wanted
-    assert stream.cache.length == length and stream._window_ids == window_ids
+    assert stream.cache.length == length
+    assert stream._window_ids == window_ids
     assert stream.refresh() is False
 
 

@@ -156,5 +156,5 @@ class LandmarkMemory:
             self.queries.observe(layer, query)
 
     def key_bias(self, layer: int, kv_length: int) -> torch.Tensor | None:
-        """The log-count bias of the first `kv_length` cache entries, or None without landmarks."""
+        """Return the log-count bias of the first `kv_length` cache entries, or None without landmarks."""
         return None if self._bias is None else self._bias[layer][:kv_length]

@@ -10,7 +10,7 @@ import torch
 
 @dataclass(frozen=True)
 class Selection:
-    """What fills the cache's memory region, per layer, as indices into the stream's landmarks.
+    """The contents of the cache's memory region, per layer, as indices into the stream's landmarks.
 
     `landmarks[layer]` fill the landmark slots in slot order; `chunks[layer]` are the chunks
     restored whole into the retrieval region. Every layer selects the same number of each,
