@@ -170,17 +170,37 @@ class StreamingCache(Cache):
             return 0
         return min(-(-overflow // self.chunk) * self.chunk, self.window_length)  # whole chunks
 
-    def window_entries(self, count: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return the `count` oldest window entries, keys without RoPE: [layers, kv_heads, count, head_dim].
+    def window_entries(self, count: int, offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return `count` window entries from `offset`, keys without RoPE: [layers, kv_heads, count, head_dim].
 
         Batch entry 0 only (a stream runs with batch size 1).
         """
-        start = self.window_start
+        return self.entries(self.window_start + offset, count)
+
+    def entries(self, start: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return entries [start, start + count), keys without RoPE: [layers, kv_heads, count, head_dim]."""
         positions = torch.arange(start, start + count)
         keys = torch.stack([rotate(layer.keys[0, :, start:start + count], -positions, self.spec)
                             for layer in self.layers])
         values = torch.stack([layer.values[0, :, start:start + count].clone() for layer in self.layers])
         return keys, values
+
+    def append_entries(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Append un-rotated entries [layers, kv_heads, n, head_dim] after the used ones, rotated to their indices.
+
+        This is how a saved session is loaded back: pinned entries first, then (after
+        `place_landmarks`) the window.
+        """
+        count = keys.shape[-2]
+        if self.length + count > self.capacity:
+            raise ValueError(f"{count} entries do not fit after {self.length} of {self.capacity}")
+        positions = torch.arange(self.length, self.length + count)
+        for layer, layer_keys, layer_values in zip(self.layers, keys, values):
+            if not layer.is_initialized:
+                layer.lazy_initialization(layer_keys[None], layer_values[None])
+            start = layer.length
+            layer.write(start, rotate(layer_keys[None].to(layer.device), positions, self.spec), layer_values[None])
+            layer.length = start + count
 
     def evict(self, count: int) -> None:
         """Drop the `count` oldest window tokens and move later keys down, re-rotated by -count."""

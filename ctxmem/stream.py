@@ -69,9 +69,13 @@ class Stream:
         self.peak_entries = 0
         self.cache: StreamingCache | None = None
         self._next_logits: torch.Tensor | None = None  # [vocab]
-        self._pinned_ids: list[int] = []
-        self._window_ids: list[int] = []  # token ids of the window, oldest first
+        self.pinned_ids: list[int] = []
+        self.window_ids: list[int] = []  # token ids of the window, oldest first
         self._last_piece: list[int] = []
+        # Called with (index, token ids, keys without RoPE, values) for each completed window chunk,
+        # in order, once: at its eviction or when `emit_chunks` is called (a session's exact save).
+        self.on_chunk: Callable[[int, list[int], torch.Tensor, torch.Tensor], None] | None = None
+        self.chunks_emitted = 0
         if self.config.sinks != SYSTEM_SINKS:
             self.cache = self._build_cache(self.config.sinks)
 
@@ -109,9 +113,9 @@ class Stream:
             pinning = self.cache.length < self.cache.pinned
             logits = self._forward(piece, all_logits=score)  # [piece or 1, vocab]
             if pinning:
-                self._pinned_ids.extend(piece)
+                self.pinned_ids.extend(piece)
             else:
-                self._window_ids.extend(piece)
+                self.window_ids.extend(piece)
             self.peak_entries = max(self.peak_entries, self.cache.length)
             if score:
                 losses.append(self._piece_nll(piece, logits))
@@ -130,12 +134,29 @@ class Stream:
         wants_window_kv = self.memory is not None and self.memory.needs_window_kv
         window_kv = cache.window_entries(count) if wants_window_kv else None
         token_start = cache.pinned + cache.evicted_tokens
+        self.emit_chunks(cache.evicted_tokens + count)
         cache.evict(count)
-        evicted, self._window_ids = self._window_ids[:count], self._window_ids[count:]
+        evicted, self.window_ids = self.window_ids[:count], self.window_ids[count:]
         if self.memory is None:
             return
-        self.memory.add(self._pinned_ids, evicted, token_start, window_kv)
+        self.memory.add(self.pinned_ids, evicted, token_start, window_kv)
         self._place()
+
+    def emit_chunks(self, limit: int | None = None) -> None:
+        """Pass every completed window chunk ending at or before window token `limit` to `on_chunk`.
+
+        Window tokens are counted from the first token after the pinned ones; chunk k holds
+        tokens [k * chunk, (k + 1) * chunk). `limit` None means all tokens seen so far.
+        """
+        cache, size = self.cache, self.config.chunk
+        if self.on_chunk is None or cache is None:
+            return
+        limit = cache.evicted_tokens + cache.window_length if limit is None else limit
+        while (self.chunks_emitted + 1) * size <= limit:
+            offset = self.chunks_emitted * size - cache.evicted_tokens  # in the window
+            keys, values = cache.window_entries(size, offset)  # [layers, kv_heads, chunk, head_dim]
+            self.on_chunk(self.chunks_emitted, self.window_ids[offset:offset + size], keys, values)
+            self.chunks_emitted += 1
 
     def _place(self, selection=None) -> None:
         cache = self.cache

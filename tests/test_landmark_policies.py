@@ -162,13 +162,13 @@ def test_refresh_places_the_selection_of_the_prompt_queries():
     stream = Stream(model, config, memory=LandmarkMemory(model, rotary_spec(model),
                                                          LandmarkConfig(policy="relevant"), slots=1))
     stream.feed(random_ids(SINKS + 3 * WINDOW + 5))
-    length, window_ids = stream.cache.length, list(stream._window_ids)
+    length, window_ids = stream.cache.length, list(stream.window_ids)
     wanted = stream.memory.select()
 
     stream.refresh()
     assert stream.memory.selection == wanted
     assert stream.cache.length == length
-    assert stream._window_ids == window_ids
+    assert stream.window_ids == window_ids
     assert stream.refresh() is False
 
 

@@ -51,6 +51,7 @@ class LandmarkMemory:
         self.fingerprint = model_fingerprint(model)
         self.landmarks: list[Landmark] = []
         self.chunks: list[tuple[torch.Tensor, torch.Tensor]] = []  # full un-rotated KV, kept for `retrieve`
+        self.store_chunks = True  # False when a session already stores every chunk (exact resume)
         self.queries = QueryLog(model.config.num_hidden_layers, config.query_tokens)
         self.selection: Selection | None = None
         self._bias: list[torch.Tensor] | None = None  # per layer [capacity]
@@ -101,7 +102,7 @@ class LandmarkMemory:
         """Keep the chunk's full KV for `retrieve`, and store it beside its landmark."""
         keys, values = keys.cpu(), values.cpu()
         self.chunks.append((keys, values))
-        if self.store is not None:
+        if self.store is not None and self.store_chunks:
             self.store.put_chunk(Chunk.from_tensors(
                 session_id=self.session_id, index=index, token_start=token_start, fingerprint=self.fingerprint,
                 keys=keys, values=values, token_ids=torch.tensor(chunk_ids, dtype=torch.int64)))
