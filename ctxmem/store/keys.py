@@ -1,4 +1,4 @@
-"""Redis key names of the landmark store, all built by `KeySchema`, and checks of their parts.
+"""Redis key names of the landmark and session stores, all built by `KeySchema`, and checks of their parts.
 
 Schema, for a prefix (default "ctxmem") and a session id:
 
@@ -8,7 +8,15 @@ Schema, for a prefix (default "ctxmem") and a session id:
     {prefix}:{<session>}:chunks         sorted set: chunk index -> score = index
     {prefix}:{<session>}:chunk:<i>      msgpack: record JSON, keys and values [layers, kv_heads, chunk_len,
                                         head_dim], token ids [chunk_len] or nil
+    {prefix}:{<session>}:messages       list: one msgpack blob per message record, in order
+    {prefix}:{<session>}:state          msgpack: {"schema_version", "fence", "state"}
+    {prefix}:{<session>}:lock           string: lease token "<fence>:<uuid4 hex>" of the writer, with a PX expiry
+    {prefix}:{<session>}:fence          integer: fencing token, incremented by every lock acquire
     {prefix}:sessions                   sorted set: session id -> last update (Unix seconds)
+
+The meta hash and `{prefix}:sessions` are shared: the landmark store and the session store
+both update them. The session store also keeps `fence` in the meta hash, the fence of the last
+commit.
 
 The session id sits inside braces, a Redis Cluster hash tag, so all keys of one session hash to
 the same slot and one script or transaction may touch them together. Session ids and prefixes
@@ -97,6 +105,18 @@ class KeySchema:
     def item_index(self, session_id: str, kind: str) -> str:
         """Return the sorted set that lists the session's landmarks or chunks."""
         return self.session_base(session_id) + f"{kind}s"
+
+    def messages(self, session_id: str) -> str:
+        return self.session_base(session_id) + "messages"
+
+    def state(self, session_id: str) -> str:
+        return self.session_base(session_id) + "state"
+
+    def lock(self, session_id: str) -> str:
+        return self.session_base(session_id) + "lock"
+
+    def fence(self, session_id: str) -> str:
+        return self.session_base(session_id) + "fence"
 
     def sessions(self) -> str:
         return f"{self.prefix}:sessions"
