@@ -33,12 +33,13 @@ reference-model: venv
 	mkdir -p ctxmem/reference/model
 	cp build/reference/* ctxmem/reference/model/
 
-# landmark_store.py needs Redis at 127.0.0.1:6379 (or --redis-url) and deletes the keys it writes.
+# landmark_store.py and sessions.py need Redis at 127.0.0.1:6379 (or --redis-url) and delete the keys they write.
 benchmark: venv
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/load_time.py
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/streaming_speed.py
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/streaming_quality.py
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/landmark_store.py
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/sessions.py
 
 clean:
 	rm -rf $(VENV) build

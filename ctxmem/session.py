@@ -333,6 +333,11 @@ class Session:
     def saturation(self):
         return self.stream.saturation()
 
+    @property
+    def next_logits(self) -> torch.Tensor | None:
+        """The logits [vocab] that predict the token after everything the session has encoded."""
+        return self.stream._next_logits
+
     def release_device(self) -> None:
         """Drop the stream's tensors; the next turn reloads the session from Redis."""
         self.stream = self._new_stream()
