@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -14,6 +14,7 @@ import torch
 from ctxmem.config import CacheConfig, LandmarkConfig
 from ctxmem.manager import MemoryManager
 from ctxmem.session import SessionSettings
+from ctxmem.store.sessions import SessionLockError
 from ctxmem.transcript import Message, Renderer
 from tests.conftest import REDIS_URL
 
@@ -157,3 +158,20 @@ def test_two_processes_append_to_one_session(manager, redis_client):
     session = manager.session("shared")
     assert session.load()  # this process's copy is behind; load the writers' last commit
     assert session.stream.tokens_seen == sum(len(record["ids"]) for record in records)
+
+
+def test_writer_whose_lock_expired_gets_an_error(reference, redis_client):
+    client, prefix = redis_client
+    model, tokenizer = reference
+    slow = MemoryManager(model, tokenizer, client, prefix=prefix, settings=SETTINGS, lock_timeout=0.5).session("x")
+    slow.feed([{"role": "system", "content": "One writer at a time."}])
+    other = MemoryManager(model, tokenizer, client, prefix=prefix, lock_timeout=5).session("x")
+
+    with pytest.raises(SessionLockError, match="'x'"):
+        with slow.turn() as appended:
+            time.sleep(0.8)  # the lease expires; another writer takes the lock and commits
+            other.append([{"role": "user", "content": "from the other writer"}])
+            appended.append({"message": {"role": "user", "content": "lost"}, "hash": "0", "ids": [1]})
+
+    contents = [record["message"]["content"] for record in other.sessions.messages("x")]
+    assert contents == ["One writer at a time.", "from the other writer"]
