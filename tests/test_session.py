@@ -163,13 +163,13 @@ def test_two_processes_append_to_one_session(manager, redis_client):
 def test_writer_whose_lock_expired_gets_an_error(reference, redis_client):
     client, prefix = redis_client
     model, tokenizer = reference
-    slow = MemoryManager(model, tokenizer, client, prefix=prefix, settings=SETTINGS, lock_timeout=0.5).session("x")
-    slow.feed([{"role": "system", "content": "One writer at a time."}])
-    other = MemoryManager(model, tokenizer, client, prefix=prefix, lock_timeout=5).session("x")
+    other = MemoryManager(model, tokenizer, client, prefix=prefix, settings=SETTINGS, lock_timeout=5).session("x")
+    other.feed([{"role": "system", "content": "One writer at a time."}])
+    slow = MemoryManager(model, tokenizer, client, prefix=prefix, lock_timeout=1.0).session("x")
 
     with pytest.raises(SessionLockError, match="'x'"):
         with slow.turn() as appended:
-            time.sleep(0.8)  # the lease expires; another writer takes the lock and commits
+            time.sleep(1.5)  # the lease expires; another writer takes the lock and commits
             other.append([{"role": "user", "content": "from the other writer"}])
             appended.append({"message": {"role": "user", "content": "lost"}, "hash": "0", "ids": [1]})
 
