@@ -1,7 +1,8 @@
-"""The `ctxmem` command line: model information, generation and the demo.
+"""The `ctxmem` command line: model information, generation, streaming, evaluation, chat and the demo.
 
-Every command takes `--json` for machine-readable output. Invalid input prints a one-line
-error naming the value and exits with code 2.
+Every command but `chat` takes `--json` for machine-readable output. Invalid input prints a
+one-line error naming the value and exits with code 2. Other expected failures, such as a
+session locked by another writer, print one line and exit with code 1.
 """
 
 from __future__ import annotations
@@ -17,15 +18,23 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
+from rich import box
 from rich.console import Console
 from rich.progress import Progress, TextColumn
 from rich.table import Table
 
 from ctxmem.config import PASS_KEY_METHODS, PERPLEXITY_METHODS
+from ctxmem.store.keys import DEFAULT_PREFIX
 
 logger = logging.getLogger(__name__)
 
 USAGE_ERRORS = (ValueError, FileNotFoundError, ModuleNotFoundError, ConnectionError)
+# The demo shows the newest landmarks of each session; --json lists them all.
+LANDMARKS_SHOWN = 5
+
+
+class CommandError(RuntimeError):
+    """A command failed for a reason other than its input; main prints it on one line and exits with 1."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -67,11 +76,51 @@ def build_parser() -> argparse.ArgumentParser:
     ppl.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     _add_passkey_parser(measures)
 
-    demo = commands.add_parser("demo", help="run the main job on the reference model")
+    _add_chat_parser(commands)
+    _add_demo_parser(commands)
+    return parser
+
+
+def _add_chat_parser(commands) -> None:
+    chat = commands.add_parser("chat", help="chat in a durable session that resumes where it stopped")
+    # The dests differ from `run`'s --session and --redis, which only store landmarks and are checked as such.
+    chat.add_argument("--session", dest="session_id", required=True,
+                      help="session id, 1 to 128 characters from A-Z, a-z, 0-9, '.', '_' and '-'")
+    _add_model_options(chat)
+    chat.add_argument("--redis", dest="redis_url",
+                      help="Redis URL (default: $CTXMEM_REDIS_URL, else the embedded server)")
+    # Documented in the README, not in --help: it keeps tests and experiments apart in one Redis.
+    chat.add_argument("--prefix", default=DEFAULT_PREFIX, help=argparse.SUPPRESS)
+    chat.add_argument("--system",
+                      help="system message that opens a new session (a stored session keeps its own)")
+    chat.add_argument("--max-new-tokens", type=int, default=64, help="tokens per reply at most")
+    chat.add_argument("--temperature", type=float, default=0.0, help="0 decodes greedily")
+    chat.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold, in (0, 1]")
+    chat.add_argument("--seed", type=int, default=0, help="sampling seed of each reply")
+    _add_cache_options(chat)
+    _add_landmark_options(chat, storage=False)
+    chat.add_argument("--resume", default="exact", choices=["exact", "recompute"],
+                      help="how a new session is resumed later: reload the stored KV of every chunk, or "
+                           "store token ids only and encode the window again")
+
+
+def _add_demo_parser(commands) -> None:
+    demo = commands.add_parser("demo", help="read a held-out play as durable sessions in fresh processes, "
+                                            "then check a tool call and a pass key")
     _add_model_options(demo)
     demo.add_argument("--redis-url", help="Redis URL (default: $CTXMEM_REDIS_URL, else the embedded server)")
+    demo.add_argument("--prefix", default=DEFAULT_PREFIX,
+                      help="first part of every Redis key the demo writes")
+    demo.add_argument("--sessions", type=int, default=3, help="sessions, each a part of the play")
+    demo.add_argument("--rounds", type=int, default=2,
+                      help="fresh processes per run; each resumes every session and feeds its next passages")
+    demo.add_argument("--turns", type=int, default=3, help="passages fed to each session per round")
+    demo.add_argument("--threads", type=int, default=1,
+                      help="torch CPU threads per process; 1 suits the small reference model, "
+                           "raise it for larger ones")
+    demo.add_argument("--checks", action="store_true",
+                      help="run only the tool call and pass-key checks, without sessions")
     demo.add_argument("--json", action="store_true", help="print JSON instead of tables")
-    return parser
 
 
 def _add_passkey_parser(measures) -> None:
@@ -148,17 +197,41 @@ def _add_landmark_options(parser: argparse.ArgumentParser, storage: bool) -> Non
         parser.add_argument("--session", help="store the landmarks in Redis under this session id "
                                               "(without --session or --redis they stay in memory)")
         parser.add_argument("--redis", help="Redis URL (default: $CTXMEM_REDIS_URL, else the embedded server)")
+        parser.add_argument("--replace", action="store_true",
+                            help="delete the landmarks an earlier run stored under --session first")
 
 
 def _cache_config(args: argparse.Namespace):
     from ctxmem.config import CacheConfig
 
-    if args.landmarks < 0:
-        raise ValueError(f"invalid --landmarks {args.landmarks}; use 0 (none) or more")
-    if args.retrieve < 0:
-        raise ValueError(f"invalid --retrieve {args.retrieve}; use 0 (none) or more chunks")
+    _check_landmark_options(args)
     return CacheConfig(sinks=args.sinks, window=args.window, chunk=args.chunk,
                        landmark_slots=args.landmarks * args.centroids, retrieval_slots=args.retrieve * args.chunk)
+
+
+def _check_landmark_options(args: argparse.Namespace) -> None:
+    """Reject landmark options that are out of range, or that would be ignored, naming the flag."""
+    for flag, value, lowest in (("--landmarks", args.landmarks, 0), ("--retrieve", args.retrieve, 0),
+                                ("--centroids", args.centroids, 1), ("--query-tokens", args.query_tokens, 1)):
+        if value < lowest:
+            raise ValueError(f"invalid {flag} {value}; use {lowest} or more")
+    memory = args.landmarks > 0 or args.retrieve > 0
+    if args.landmark_policy == "retrieve" and args.retrieve == 0:
+        raise ValueError("--landmark-policy retrieve needs --retrieve K, the number of chunks restored whole")
+    if args.retrieve and args.landmark_policy != "retrieve":
+        raise ValueError(f"--retrieve {args.retrieve} needs --landmark-policy retrieve")
+    tuned = (args.landmark_policy != "recent" or args.landmark_bias or args.centroids != 1
+             or args.landmark_source != "recompute")
+    if tuned and not memory:
+        raise ValueError("--landmark-policy, --landmark-bias, --centroids and --landmark-source have no effect "
+                         "without landmarks; add --landmarks L (or --retrieve K with the retrieve policy)")
+    method = getattr(args, "method", None)
+    if method is not None and memory != (method == "landmarks"):
+        raise ValueError(f"--method {method} " + ("does not use landmarks; drop --landmarks and --retrieve, or use "
+                                                  "--method landmarks" if memory else
+                                                  "needs --landmarks L (or --landmark-policy retrieve --retrieve K)"))
+    if not memory and (getattr(args, "session", None) or getattr(args, "redis", None)):
+        raise ValueError("--session and --redis store landmarks; add --landmarks L (or --retrieve K)")
 
 
 def _landmark_config(args: argparse.Namespace):
@@ -180,6 +253,11 @@ def _landmark_memory(args: argparse.Namespace, model, tokenizer, config):
     stored = args.session is not None or args.redis is not None
     session_id = validate_session_id(args.session or f"run-{uuid.uuid4().hex[:12]}")
     store = LandmarkStore(args.redis) if stored else None
+    if store is not None and (store.indices(session_id) or store.chunk_indices(session_id)):
+        if not args.replace:
+            raise ValueError(f"session {session_id!r} already holds landmarks from an earlier run; pass another "
+                             "--session id, or --replace to delete them first")
+        store.delete(session_id)
     return LandmarkMemory(model, rotary_spec(model), _landmark_config(args), config.landmark_slots, store=store,
                           session_id=session_id, decode=tokenizer.decode)
 
@@ -254,19 +332,266 @@ def run_generate(args: argparse.Namespace, console: Console) -> None:
 
 
 def run_demo(args: argparse.Namespace, console: Console) -> None:
-    from ctxmem.demo import run
+    """Feed the demo's sessions in fresh processes, report them, then run the two checks.
 
-    result = run(model_name=args.model, device=args.device, dtype=args.dtype, redis_url=args.redis_url)
+    Redis connects and the model loads before any worker starts, so that bad options fail
+    early. The checks at the end reuse the model.
+    """
+    import torch
+
+    from ctxmem.demo import Demo, DemoOptions, DemoWorkerError, describe_redis, run_checks
+
+    started = time.perf_counter()
+    options = DemoOptions(model=args.model, device=args.device, dtype=args.dtype,
+                          rope=(args.rope, args.rope_factor or 1.0), redis_url=args.redis_url,
+                          prefix=args.prefix, sessions=args.sessions, rounds=args.rounds, turns=args.turns,
+                          threads=args.threads)
+    demo = Demo(options)
+    torch.set_num_threads(args.threads)
+    model, tokenizer = _load(args)
+    result: dict = {"redis": describe_redis(demo.client), "model": args.model}
+    if not args.json:
+        console.print(f"model: {args.model}\nRedis: {result['redis']}", soft_wrap=True)
+    if not args.checks:
+        result.update(prefix=args.prefix, found=demo.existing(), rounds=args.rounds, turns=args.turns)
+        if not args.json:
+            console.print(_found_line(result["found"], args), soft_wrap=True)
+        feed_started = time.perf_counter()
+        try:
+            with _demo_progress(console, options, args.json) as on_event:
+                demo.feed(on_event)
+        except DemoWorkerError as error:
+            raise CommandError(str(error)) from error
+        result["feed_seconds"] = round(time.perf_counter() - feed_started, 1)
+        result.update(demo.report())
+        if not args.json:
+            _print_sessions(console, result, args)
+    result.update(run_checks(model, tokenizer))
+    result["seconds"] = round(time.perf_counter() - started, 1)
     if args.json:
         console.print_json(json.dumps(result))
         return
-    console.print(f"Redis: {result['redis']}   model: {result['model']}")
+    _print_checks(console, result)
+
+
+def _found_line(found: list[str], args: argparse.Namespace) -> str:
+    if found:
+        return (f"found {len(found)} sessions from an earlier run: {', '.join(found)}; "
+                "continuing each where it stopped")
+    return (f"no sessions from an earlier run under prefix {args.prefix!r}; "
+            f"starting {args.sessions} new sessions")
+
+
+@contextmanager
+def _demo_progress(console: Console, options, quiet: bool):
+    """A rich progress bar over the demo's turns; yields the callback for the workers' events."""
+    total = options.sessions * options.rounds * options.turns
+    with Progress(*Progress.get_default_columns(), TextColumn("{task.completed} turns"), console=console,
+                  disable=quiet, transient=True) as progress:
+        task = progress.add_task("starting", total=total)
+        current = {"round": 0}
+
+        def on_event(event: dict) -> None:
+            if event.get("event") == "start":
+                current["round"] = event["round"]
+            round_label = f"round {current['round']}/{options.rounds}"
+            if event.get("event") == "start":
+                progress.update(task, description=f"{round_label}: starting a process")
+            elif event.get("event") == "ready":
+                progress.update(task, description=f"{round_label}: resuming sessions")
+            elif event.get("event") == "turn":
+                progress.update(task, advance=1, description=f"{round_label}: {event['session']}")
+
+        yield on_event
+
+
+def _print_sessions(console: Console, result: dict, args: argparse.Namespace) -> None:
+    """Print the sessions table and the newest landmarks of each session."""
+    console.print(f"fed every session {args.turns} passages in each of {args.rounds} fresh processes "
+                  f"in {result['feed_seconds']} s")
+    headers = ("session", "messages", "tokens seen", "saturation", "evicted tokens", "evictions", "landmarks")
+    rows = [(row["session"], str(row["messages"]), str(row["tokens_seen"]),
+             f"{row['entries_used']}/{row['budget']} {row['saturation']:.0%}", str(row["evicted_tokens"]),
+             str(row["eviction_events"]), str(row["landmarks_written"])) for row in result["sessions"]]
+    # Each column is as wide as its longest value or header word, so headers wrap and values
+    # never do, and the table fits in 80 columns.
+    table = Table(title=f"sessions in Redis under prefix {args.prefix!r}", box=box.SIMPLE_HEAD,
+                  show_edge=False, pad_edge=False, collapse_padding=True)
+    for position, header in enumerate(headers):
+        width = max([len(word) for word in header.split()] + [len(row[position]) for row in rows])
+        table.add_column(header, justify="left" if position == 0 else "right", width=width)
+    for row in rows:
+        table.add_row(*row)
+    console.print()
+    console.print(table)
+
+    landmarks = result["landmarks"]
+    shown = [landmark for session in result["sessions"]
+             for landmark in [m for m in landmarks if m["session"] == session["session"]][-LANDMARKS_SHOWN:]]
+    title = f"saved landmarks: the newest {LANDMARKS_SHOWN} of each session"
+    if len(shown) < len(landmarks):
+        title += f" ({len(landmarks) - len(shown)} older ones in --json)"
+    rows = [(landmark["session"], str(landmark["index"]), f"{landmark['token_start']}-{landmark['token_end']}",
+             " / ".join(line.strip() for line in landmark["text"].splitlines() if line.strip())[:50])
+            for landmark in shown]
+    table = Table(title=title, box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, collapse_padding=True)
+    widths = [max([len(header)] + [len(row[position]) for row in rows])
+              for position, header in enumerate(("session", "index", "tokens"))]
+    for position, header in enumerate(("session", "index", "tokens")):
+        table.add_column(header, justify="left" if position == 0 else "right", width=widths[position])
+    # The text takes what the console leaves after the other columns and the 2-character gaps.
+    text_width = max(10, min(50, console.width - sum(widths) - 2 * len(widths)))
+    table.add_column("source text", width=text_width, no_wrap=True, overflow="ellipsis")
+    for row in rows:
+        table.add_row(*row)
+    console.print()
+    console.print(table)
+
+
+def _print_checks(console: Console, result: dict) -> None:
     table = Table("role", "content", title="chat with a tool call", show_lines=True)
+    console.print()
     for message in result["chat"]:
         table.add_row(message["role"], message["text"])
     console.print(table)
     console.print(f"pass key stated {result['pass_key']['distance']} tokens before the question: "
-                  f"expected {result['pass_key']['expected']}, model answered {result['pass_key']['answer']!r}")
+                  f"expected {result['pass_key']['expected']}, model answered {result['pass_key']['answer']!r}",
+                  soft_wrap=True)
+    console.print(f"the demo took {result['seconds']} s after Python's start-up and imports")
+
+
+def _session_settings(args: argparse.Namespace):
+    """Return the SessionSettings that the cache, landmark and --resume options ask for."""
+    from ctxmem.session import SessionSettings
+
+    landmarks = _landmark_config(args) if args.landmarks or args.retrieve else None
+    return SessionSettings(cache=_cache_config(args), landmarks=landmarks, resume=args.resume)
+
+
+def _describe_settings(settings) -> str:
+    cache = settings.cache
+    window = "auto" if cache.window is None else cache.window
+    memory = "no landmarks"
+    if settings.landmarks is not None:
+        memory = f"landmark policy {settings.landmarks.policy} in {cache.landmark_slots} slots"
+    return f"sinks {cache.sinks}, window {window}, chunk {cache.chunk}, {memory}, {settings.resume} resume"
+
+
+# Options of `chat` that set up a new session; a stored session keeps the settings it was created with.
+SESSION_OPTIONS = ("sinks", "window", "chunk", "landmarks", "landmark_policy", "retrieve", "query_tokens",
+                   "landmark_bias", "centroids", "landmark_source", "resume")
+
+
+def _given_session_options(args: argparse.Namespace) -> list[str]:
+    """Return the session options (as --flags) that the command line sets to other than their defaults."""
+    defaults = build_parser().parse_args(["chat", "--session", args.session_id])
+    return ["--" + name.replace("_", "-") for name in SESSION_OPTIONS
+            if getattr(args, name) != getattr(defaults, name)]
+
+
+def run_chat(args: argparse.Namespace, console: Console) -> None:
+    """Chat in a session stored in Redis: replies stream, and each turn is committed as it ends."""
+    from ctxmem.generation import check_sampling
+    from ctxmem.manager import MemoryManager
+    from ctxmem.store.connection import connect
+    from ctxmem.store.keys import validate_prefix, validate_session_id
+    from ctxmem.store.sessions import SessionLockError
+
+    session_id = validate_session_id(args.session_id)
+    validate_prefix(args.prefix)
+    check_sampling(args.max_new_tokens, args.temperature, args.top_p)
+    settings = _session_settings(args)
+    client = connect(args.redis_url)
+    model, tokenizer = _load(args)
+    manager = MemoryManager(model, tokenizer, client, prefix=args.prefix, settings=settings)
+    existed = manager.exists(session_id)
+    session = manager.session(session_id)
+    _print_chat_start(console, session, existed, settings, args)
+    try:
+        _chat_loop(console, session, args)
+    except SessionLockError as error:
+        raise CommandError(str(error)) from error
+    stored = manager.session_store.message_count(session_id)
+    console.print(f"goodbye: session {session_id!r} has {stored} messages in Redis")
+
+
+def _print_chat_start(console: Console, session, existed: bool, settings, args: argparse.Namespace) -> None:
+    if not existed:
+        console.print(f"new session {session.session_id!r} ({_describe_settings(settings)})", soft_wrap=True)
+    else:
+        saturation = session.saturation()
+        console.print(f"resumed session {session.session_id!r}: {len(session.records)} messages, "
+                      f"{saturation.tokens_seen} tokens seen, "
+                      f"cache {saturation.entries_used}/{saturation.budget} ({saturation.fraction:.0%}), "
+                      f"{saturation.evicted_tokens} tokens evicted", soft_wrap=True)
+        ignored = _given_session_options(args)
+        if args.system is not None:
+            ignored.append("--system")
+        if ignored:
+            console.print(f"{' and '.join(ignored)} ignored: the session keeps the messages and settings "
+                          f"it was created with ({_describe_settings(session.settings)})",
+                          style="dim", soft_wrap=True)
+    if sys.stdin.isatty():
+        console.print("[dim]Type a message and press Enter; Ctrl-D or Ctrl-C ends the chat.[/dim]")
+
+
+def _chat_loop(console: Console, session, args: argparse.Namespace) -> None:
+    """Answer each user line until end of input or Ctrl-C, which both end the chat normally."""
+    try:
+        for text in _user_lines(console):
+            if text.strip():
+                _chat_turn(console, session, text, args)
+    except KeyboardInterrupt:
+        console.print()
+        console.print("interrupted")
+
+
+def _user_lines(console: Console):
+    """Yield the user's lines: prompted on a terminal, else as they arrive on stdin (a pipe or a file)."""
+    if sys.stdin.isatty():
+        while True:
+            try:
+                yield console.input("[bold]you>[/bold] ")
+            except EOFError:
+                console.print()
+                return
+    for line in sys.stdin:
+        text = line.rstrip("\r\n")
+        console.print(f"you> {text}", markup=False, highlight=False, soft_wrap=True)
+        yield text
+
+
+def _chat_turn(console: Console, session, text: str, args: argparse.Namespace) -> None:
+    """Send the stored conversation plus `text`, print the reply as it streams, then its saturation."""
+    messages = [record["message"] for record in session.records]
+    if not messages and args.system:
+        messages.append({"role": "system", "content": args.system})
+    messages.append({"role": "user", "content": text})
+    console.out("assistant> ", end="", highlight=False)
+    pieces = session.stream_tokens(messages, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                   top_p=args.top_p, seed=args.seed)
+    try:
+        for piece in pieces:
+            console.out(piece, end="", highlight=False)
+            console.file.flush()
+    except KeyboardInterrupt:
+        console.print()
+        console.print("the unfinished reply and its user message are not saved")
+        raise
+    finally:
+        pieces.close()  # after an interruption, this ends the turn without a commit
+    console.out("")
+    console.print(_saturation_line(session), style="dim", markup=False, highlight=False, soft_wrap=True)
+
+
+def _saturation_line(session) -> str:
+    saturation, usage = session.saturation(), session.last_reply.usage
+    memory = session.stream.memory
+    stored = len(memory.landmarks) if memory is not None else 0
+    return (f"cache {saturation.entries_used}/{saturation.budget} ({saturation.fraction:.0%}), "
+            f"{saturation.evicted_tokens} tokens evicted, {stored} landmarks stored "
+            f"({saturation.landmarks} in the cache); this turn encoded {usage.encoded_tokens} tokens "
+            f"and reused {usage.cached_tokens}")
 
 
 def run_run(args: argparse.Namespace, console: Console) -> None:
@@ -388,6 +713,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, Console], None]] = {
     "generate": run_generate,
     "run": run_run,
     "eval": run_measure,
+    "chat": run_chat,
     "demo": run_demo,
 }
 
@@ -413,10 +739,20 @@ def main(argv: list[str] | None = None) -> int:
     try:
         COMMANDS[args.command](args, console)
     except USAGE_ERRORS as error:
-        message = " ".join(_describe(error).split())
-        Console(stderr=True, soft_wrap=True).print(f"error: {message}", markup=False, highlight=False)
+        _print_error(error)
         return 2
+    except CommandError as error:
+        _print_error(error)
+        return 1
+    except KeyboardInterrupt:
+        Console(stderr=True).print("interrupted")
+        return 130
     return 0
+
+
+def _print_error(error: Exception) -> None:
+    message = " ".join(_describe(error).split())
+    Console(stderr=True, soft_wrap=True).print(f"error: {message}", markup=False, highlight=False)
 
 
 if __name__ == "__main__":

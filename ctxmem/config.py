@@ -53,7 +53,8 @@ class CacheConfig(BaseModel):
             )
         window = self.window if self.window is not None else max_positions - reserved
         if window < self.chunk:
-            raise ValueError(f"chunk {self.chunk} is larger than the window of {window} tokens; lower the chunk size")
+            raise ValueError(f"chunk {self.chunk} is larger than the window of {window} tokens; lower the chunk size, "
+                             "or leave the window more room with fewer sinks, landmark or retrieval slots")
         capacity = reserved + window
         if capacity > max_positions:
             raise ValueError(
