@@ -35,6 +35,11 @@ class LandmarkMemory:
 
     `slots` is the cache's landmark slot count; each landmark takes `config.centroids` of them.
     `decode` turns token ids into the source text kept in each record.
+
+    NOTE: every landmark, and with `retrieve` every chunk's full KV, stays in host memory for
+    the life of the stream, so memory grows with the text (about 64 KB per 32-token chunk on
+    the reference model, megabytes on 1B-class models). Reading chunks back from the store on
+    demand would bound it; that is not built.
     """
 
     def __init__(self, model: PreTrainedModel, spec: RotarySpec, config: LandmarkConfig, slots: int,
