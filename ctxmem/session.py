@@ -165,6 +165,9 @@ class Session:
                 appended: list[dict] = []
                 yield appended
                 self._commit(lease, appended)
+            except BaseException:
+                self._forget()  # the stream and log may hold an uncommitted half turn
+                raise
             finally:
                 self.lease = None
 
@@ -340,7 +343,12 @@ class Session:
 
     def release_device(self) -> None:
         """Drop the stream's tensors; the next turn reloads the session from Redis."""
+        self._forget()
+
+    def _forget(self) -> None:
+        """Drop everything held in memory, so that the next turn starts from the last commit."""
         self.stream = self._new_stream()
+        self.records, self.history, self._rolled_back_to = [], [], None
         self.version = -1
 
 

@@ -175,3 +175,18 @@ def test_writer_whose_lock_expired_gets_an_error(reference, redis_client):
 
     contents = [record["message"]["content"] for record in other.sessions.messages("x")]
     assert contents == ["One writer at a time.", "from the other writer"]
+
+
+def test_a_failed_turn_leaves_no_half_turn_behind(manager, held_out_text):
+    session = manager.session("failed")
+    messages = conversation(held_out_text, 2)
+    session.feed(messages[:2])
+    with pytest.raises(RuntimeError, match="interrupted"):
+        with session.turn() as appended:
+            session._sync([Message.model_validate(m) for m in messages], None, appended)
+            raise RuntimeError("interrupted")
+
+    usage = session.feed(messages)
+    assert usage.cached_tokens > 0 and usage.encoded_tokens > 0
+    assert [r["message"]["content"] for r in manager.session_store.messages("failed")] == \
+        [m["content"] for m in messages]
