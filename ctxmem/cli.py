@@ -376,10 +376,14 @@ def run_demo(args: argparse.Namespace, console: Console) -> None:
 
 def _found_line(found: list[str], args: argparse.Namespace) -> str:
     if found:
-        return (f"found {len(found)} sessions from an earlier run: {', '.join(found)}; "
+        return (f"found {_counted(len(found), 'session')} from an earlier run: {', '.join(found)}; "
                 "continuing each where it stopped")
     return (f"no sessions from an earlier run under prefix {args.prefix!r}; "
-            f"starting {args.sessions} new sessions")
+            f"starting {_counted(args.sessions, 'new session')}")
+
+
+def _counted(number: int, noun: str) -> str:
+    return f"{number} {noun}" if number == 1 else f"{number} {noun}s"
 
 
 @contextmanager
@@ -426,14 +430,16 @@ def _print_sessions(console: Console, result: dict, args: argparse.Namespace) ->
     console.print(table)
 
     landmarks = result["landmarks"]
-    shown = [landmark for session in result["sessions"]
-             for landmark in [m for m in landmarks if m["session"] == session["session"]][-LANDMARKS_SHOWN:]]
+    newest = []
+    for session in result["sessions"]:
+        own = [landmark for landmark in landmarks if landmark["session"] == session["session"]]
+        newest += own[-LANDMARKS_SHOWN:]
     title = f"saved landmarks: the newest {LANDMARKS_SHOWN} of each session"
-    if len(shown) < len(landmarks):
-        title += f" ({len(landmarks) - len(shown)} older ones in --json)"
+    if len(newest) < len(landmarks):
+        title += f" ({len(landmarks) - len(newest)} older ones in --json)"
     rows = [(landmark["session"], str(landmark["index"]), f"{landmark['token_start']}-{landmark['token_end']}",
              " / ".join(line.strip() for line in landmark["text"].splitlines() if line.strip())[:50])
-            for landmark in shown]
+            for landmark in newest]
     table = Table(title=title, box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, collapse_padding=True)
     widths = [max([len(header)] + [len(row[position]) for row in rows])
               for position, header in enumerate(("session", "index", "tokens"))]
