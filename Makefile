@@ -39,6 +39,7 @@ benchmark: venv
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/streaming_speed.py
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/streaming_quality.py
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/landmark_store.py
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/landmark_quality.py
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/sessions.py
 
 clean:
