@@ -220,16 +220,19 @@ def _check_landmark_options(args: argparse.Namespace) -> None:
         raise ValueError("--landmark-policy retrieve needs --retrieve K, the number of chunks restored whole")
     if args.retrieve and args.landmark_policy != "retrieve":
         raise ValueError(f"--retrieve {args.retrieve} needs --landmark-policy retrieve")
-    tuned = (args.landmark_policy != "recent" or args.landmark_bias or args.centroids != 1
-             or args.landmark_source != "recompute")
-    if tuned and not memory:
-        raise ValueError("--landmark-policy, --landmark-bias, --centroids and --landmark-source have no effect "
-                         "without landmarks; add --landmarks L (or --retrieve K with the retrieve policy)")
+    tuned = [flag for flag, changed in (("--landmark-policy", args.landmark_policy != "recent"),
+                                        ("--landmark-bias", args.landmark_bias),
+                                        ("--centroids", args.centroids != 1),
+                                        ("--landmark-source", args.landmark_source != "recompute")) if changed]
     method = getattr(args, "method", None)
-    if method is not None and memory != (method == "landmarks"):
-        raise ValueError(f"--method {method} " + ("does not use landmarks; drop --landmarks and --retrieve, or use "
-                                                  "--method landmarks" if memory else
-                                                  "needs --landmarks L (or --landmark-policy retrieve --retrieve K)"))
+    if method is not None and method != "landmarks" and (memory or tuned):
+        raise ValueError(f"--method {method} does not use landmarks; drop the landmark options, or use "
+                         "--method landmarks")
+    if method == "landmarks" and not memory:
+        raise ValueError("--method landmarks needs --landmarks L (or --landmark-policy retrieve --retrieve K)")
+    if tuned and not memory:
+        raise ValueError(f"{' and '.join(tuned)} {'has' if len(tuned) == 1 else 'have'} no effect without "
+                         "landmarks; add --landmarks L (or --retrieve K with the retrieve policy)")
     if not memory and (getattr(args, "session", None) or getattr(args, "redis", None)):
         raise ValueError("--session and --redis store landmarks; add --landmarks L (or --retrieve K)")
 
@@ -247,12 +250,16 @@ def _landmark_memory(args: argparse.Namespace, model, tokenizer, config):
     from ctxmem.rope import rotary_spec
     from ctxmem.store.keys import validate_session_id
     from ctxmem.store.landmarks import LandmarkStore
+    from ctxmem.store.sessions import SessionStore
 
     if args.landmarks == 0 and args.retrieve == 0:
         return None
     stored = args.session is not None or args.redis is not None
     session_id = validate_session_id(args.session or f"run-{uuid.uuid4().hex[:12]}")
     store = LandmarkStore(args.redis) if stored else None
+    if store is not None and SessionStore(store.client, prefix=store.keys.prefix).exists(session_id):
+        raise ValueError(f"session {session_id!r} is a conversation (ctxmem chat or MemoryManager), and its "
+                         "landmarks belong to it; pass another --session id")
     if store is not None and (store.indices(session_id) or store.chunk_indices(session_id)):
         if not args.replace:
             raise ValueError(f"session {session_id!r} already holds landmarks from an earlier run; pass another "

@@ -49,6 +49,7 @@ class MemoryManager:
         session_id = validate_session_id(session_id)
         session = self._held.pop(session_id, None)
         if session is None:
+            self._refuse_landmarks_without_conversation(session_id)
             session = Session(self.model, self.tokenizer, session_id, self.session_store, self.landmark_store,
                               self.settings if not self.session_store.exists(session_id) else None,
                               lock_wait=self.lock_wait)
@@ -59,6 +60,18 @@ class MemoryManager:
             idle.release_device()
             logger.info("released session %r from memory (limit %d)", idle_id, self.max_sessions)
         return session
+
+    def _refuse_landmarks_without_conversation(self, session_id: str) -> None:
+        """Refuse an id whose landmarks another tool (`ctxmem run`) wrote, instead of deleting them.
+
+        NOTE: a conversation whose first turn crashed after storing landmarks looks the same;
+        delete it with `MemoryManager.delete` to start over.
+        """
+        if self.session_store.exists(session_id):
+            return
+        if self.landmark_store.indices(session_id) or self.landmark_store.chunk_indices(session_id):
+            raise ValueError(f"session {session_id!r} holds landmarks but no conversation (written by `ctxmem run`, "
+                             "or by a first turn that failed); use another session id, or delete it first")
 
     def held(self) -> list[str]:
         """Return the ids of the sessions held in memory, least recently used first."""

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from ctxmem.store.sessions import SessionStore
+from ctxmem.manager import MemoryManager
 from tests.conftest import REDIS_URL
 
 CTXMEM = [str(Path(sys.executable).parent / "ctxmem")]
@@ -113,8 +114,9 @@ def test_eval_ppl_reports_buckets(play_file):
     (["run", "{file}", "--chunk", "300", "--window", "252"], "chunk (300) is larger than the window (252)"),
     (["run", "{file}", "--landmark-policy", "retrieve", "--landmarks", "2"], "needs --retrieve K"),
     (["run", "{file}", "--retrieve", "2"], "--retrieve 2 needs --landmark-policy retrieve"),
-    (["run", "{file}", "--landmark-policy", "relevant"], "have no effect without landmarks"),
-    (["run", "{file}", "--landmark-bias"], "have no effect without landmarks"),
+    (["run", "{file}", "--landmark-policy", "relevant"], "--landmark-policy has no effect without landmarks"),
+    (["run", "{file}", "--landmark-bias", "--centroids", "2"], "--landmark-bias and --centroids have no effect"),
+    (["eval", "passkey", "--method", "streaming", "--landmark-policy", "relevant"], "--method streaming does not use"),
     (["run", "{file}", "--session", "s1"], "--session and --redis store landmarks"),
     (["run", "{file}", "--landmarks", "2", "--centroids", "0"], "invalid --centroids 0"),
     (["eval", "ppl", "{file}", "--method", "streaming", "--landmarks", "4"], "--method streaming does not use"),
@@ -259,3 +261,20 @@ def test_demo_second_run_finds_the_sessions(tmp_path):
     assert messages == {"tempest-1-of-2": 17, "tempest-2-of-2": 17}
     tokens_after = {row[0]: int(row[2]) for row in rows}
     assert all(tokens_after[name] > tokens_before[name] for name in tokens_before)
+
+
+def test_run_refuses_the_id_of_a_conversation(play_file, reference, redis_client):
+    client, _ = redis_client
+    model, tokenizer = reference
+    session_id = f"chat-{uuid.uuid4().hex[:8]}"
+    manager = MemoryManager(model, tokenizer, client)  # the default prefix, as `ctxmem run` uses
+    try:
+        manager.session(session_id).feed([{"role": "user", "content": "Hello."}])
+        for replace in ([], ["--replace"]):
+            result = run("run", str(play_file), "--landmarks", "2", "--session", session_id, "--redis", REDIS_URL,
+                         *replace)
+            assert result.returncode == 2
+            assert "is a conversation" in result.stderr
+        assert manager.session_store.message_count(session_id) == 1
+    finally:
+        manager.delete(session_id)

@@ -12,9 +12,12 @@ import pytest
 import torch
 
 from ctxmem.config import CacheConfig, LandmarkConfig
+from ctxmem.landmarks.memory import LandmarkMemory
 from ctxmem.manager import MemoryManager
+from ctxmem.rope import rotary_spec
 from ctxmem.session import SessionSettings
 from ctxmem.store.sessions import SessionLockError
+from ctxmem.stream import Stream
 from ctxmem.transcript import Message, Renderer
 from tests.conftest import REDIS_URL
 
@@ -73,7 +76,9 @@ def test_edited_history_rolls_back_to_a_fresh_session_state(manager, held_out_te
 RESUME_SCRIPT = """
 import json, sys, torch, redis
 from ctxmem.model import load_model
+from ctxmem.landmarks.memory import LandmarkMemory
 from ctxmem.manager import MemoryManager
+from ctxmem.rope import rotary_spec
 model, tokenizer = load_model("reference", device="cpu", dtype="float32")
 prefix, session_id, messages = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
 manager = MemoryManager(model, tokenizer, redis.Redis.from_url("{url}"), prefix=prefix)
@@ -129,7 +134,9 @@ def test_idle_sessions_leave_memory_and_come_back(reference, redis_client, held_
 WRITER_SCRIPT = """
 import sys, redis
 from ctxmem.model import load_model
+from ctxmem.landmarks.memory import LandmarkMemory
 from ctxmem.manager import MemoryManager
+from ctxmem.rope import rotary_spec
 model, tokenizer = load_model("reference", device="cpu", dtype="float32")
 prefix, name, turns = sys.argv[1], sys.argv[2], int(sys.argv[3])
 manager = MemoryManager(model, tokenizer, redis.Redis.from_url("{url}"), prefix=prefix, lock_wait=300)
@@ -190,3 +197,16 @@ def test_a_failed_turn_leaves_no_half_turn_behind(manager, held_out_text):
     assert usage.cached_tokens > 0 and usage.encoded_tokens > 0
     assert [r["message"]["content"] for r in manager.session_store.messages("failed")] == \
         [m["content"] for m in messages]
+
+
+def test_landmarks_of_a_run_are_not_taken_for_a_conversation(manager, reference, held_out_text):
+    model, tokenizer = reference
+    memory = LandmarkMemory(model, rotary_spec(model), LandmarkConfig(), 2, store=manager.landmark_store,
+                            session_id="reading")
+    stream = Stream(model, CacheConfig(chunk=32, landmark_slots=2), memory=memory)
+    stream.feed(tokenizer.encode(held_out_text[:3000]))
+    assert manager.landmark_store.indices("reading")
+
+    with pytest.raises(ValueError, match="holds landmarks but no conversation"):
+        manager.session("reading")
+    assert len(manager.landmark_store.indices("reading")) == len(memory.landmarks)  # nothing deleted
