@@ -1,7 +1,7 @@
 """The memory manager: sessions by id over one model, at most `max_sessions` held on the device.
 
 Every session lives in Redis (see ctxmem.session), so the manager may drop a session's device
-tensors at any time: the least recently used one goes when a new one would exceed the limit,
+tensors at any time. The least recently used one goes when a new one would exceed the limit,
 and it is loaded back from Redis on its next turn. Any process or worker with the same Redis
 and model can serve any session.
 """

@@ -1,8 +1,8 @@
 """One durable conversation: delta feeding, generation, and resume from Redis in any process.
 
-A `Session` owns a `Stream` and keeps in Redis everything needed to rebuild it: the message
-log with the tokens each message added, a snapshot of the stream after every turn, its
-landmarks and, in `exact` mode, the KV of every chunk. Each turn runs under the session's
+A `Session` owns a `Stream` and keeps in Redis everything needed to rebuild it. That is the
+message log with the tokens each message added, a snapshot of the stream after every turn,
+its landmarks and, in `exact` mode, the KV of every chunk. Each turn runs under the session's
 lease (a Redis lock with a fencing token): it reloads the session if another writer committed
 since, encodes only the messages it has not seen, generates, and commits atomically.
 """

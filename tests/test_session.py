@@ -194,7 +194,8 @@ def test_a_failed_turn_leaves_no_half_turn_behind(manager, held_out_text):
             raise RuntimeError("interrupted")
 
     usage = session.feed(messages)
-    assert usage.cached_tokens > 0 and usage.encoded_tokens > 0
+    assert usage.cached_tokens > 0
+    assert usage.encoded_tokens > 0
     assert [r["message"]["content"] for r in manager.session_store.messages("failed")] == \
         [m["content"] for m in messages]
 
