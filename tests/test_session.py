@@ -153,9 +153,14 @@ def test_two_processes_append_to_one_session(manager, redis_client):
     turns = 100
     writers = [subprocess.Popen([sys.executable, "-c", script, prefix, name, str(turns)], cwd=ROOT,
                                 stderr=subprocess.PIPE, text=True) for name in ("left", "right")]
-    for writer in writers:
-        _, errors = writer.communicate(timeout=600)
-        assert writer.returncode == 0, errors[-2000:]
+    try:
+        for writer in writers:
+            _, errors = writer.communicate(timeout=600)
+            assert writer.returncode == 0, errors[-2000:]
+    finally:
+        for writer in writers:  # a writer left running would write after the fixture cleaned up
+            writer.kill()
+            writer.wait()
 
     records = manager.session_store.messages("shared")
     contents = [record["message"]["content"] for record in records[1:]]
