@@ -2,7 +2,7 @@
 
 Every configuration holds the same number of cache entries (the reference model's 256
 positions): sinks + landmark slots + retrieval region + window. Perplexity compares sinks +
-landmarks + window against sinks + window (the issue's target is <= 0.97x) and publishes the
+landmarks + window against sinks + window (the target is 0.97x or lower) and publishes the
 ablations: mean vs centroids, recomputed vs window KV, with and without the log-count bias,
 recent vs relevant vs retrieve. The pass-key part runs `ctxmem.eval.passkey` per method and
 distance. Run: `.venv/bin/python benchmarks/landmark_quality.py` (about 30 minutes on 2 CPU

@@ -262,7 +262,7 @@ def _landmark_memory(args: argparse.Namespace, model, tokenizer, config):
                          "landmarks belong to it; pass another --session id")
     if store is not None and (store.indices(session_id) or store.chunk_indices(session_id)):
         if not args.replace:
-            raise ValueError(f"session {session_id!r} already holds landmarks from an earlier run; pass another "
+            raise ValueError(f"session {session_id!r} already contains landmarks from an earlier run; pass another "
                              "--session id, or --replace to delete them first")
         store.delete(session_id)
     return LandmarkMemory(model, rotary_spec(model), _landmark_config(args), config.landmark_slots, store=store,

@@ -15,7 +15,7 @@ import redis
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ctxmem.session import Session, SessionSettings
-from ctxmem.store.connection import check_binary_client, connect
+from ctxmem.store.connection import client_for
 from ctxmem.store.keys import DEFAULT_PREFIX, validate_session_id
 from ctxmem.store.landmarks import LandmarkStore
 from ctxmem.store.sessions import SessionStore
@@ -37,7 +37,7 @@ class MemoryManager:
                  ttl_seconds: int | None = None, lock_timeout: float = 30.0, lock_wait: float = 30.0):
         if max_sessions < 1:
             raise ValueError(f"invalid max_sessions {max_sessions}; hold at least 1 session in memory")
-        client = check_binary_client(redis_url) if isinstance(redis_url, redis.Redis) else connect(redis_url)
+        client = client_for(redis_url)
         self.model, self.tokenizer, self.settings = model, tokenizer, settings
         self.max_sessions, self.lock_wait = max_sessions, lock_wait
         self.session_store = SessionStore(client, prefix=prefix, ttl_seconds=ttl_seconds, lock_timeout=lock_timeout)
@@ -49,7 +49,7 @@ class MemoryManager:
         session_id = validate_session_id(session_id)
         session = self._held.pop(session_id, None)
         if session is None:
-            self._refuse_landmarks_without_conversation(session_id)
+            self._reject_landmarks_without_conversation(session_id)
             session = Session(self.model, self.tokenizer, session_id, self.session_store, self.landmark_store,
                               self.settings if not self.session_store.exists(session_id) else None,
                               lock_wait=self.lock_wait)
@@ -61,8 +61,8 @@ class MemoryManager:
             logger.info("released session %r from memory (limit %d)", idle_id, self.max_sessions)
         return session
 
-    def _refuse_landmarks_without_conversation(self, session_id: str) -> None:
-        """Refuse an id whose landmarks another tool (`ctxmem run`) wrote, instead of deleting them.
+    def _reject_landmarks_without_conversation(self, session_id: str) -> None:
+        """Raise ValueError for an id whose landmarks `ctxmem run` wrote, rather than delete them.
 
         NOTE: a conversation whose first turn crashed after storing landmarks looks the same;
         delete it with `MemoryManager.delete` to start over.
@@ -70,7 +70,7 @@ class MemoryManager:
         if self.session_store.exists(session_id):
             return
         if self.landmark_store.indices(session_id) or self.landmark_store.chunk_indices(session_id):
-            raise ValueError(f"session {session_id!r} holds landmarks but no conversation (written by `ctxmem run`, "
+            raise ValueError(f"session {session_id!r} contains landmarks but no conversation (written by `ctxmem run`, "
                              "or by a first turn that failed); use another session id, or delete it first")
 
     def held(self) -> list[str]:

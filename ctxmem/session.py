@@ -34,7 +34,7 @@ logger = logging.getLogger(__name__)
 
 
 class SessionSettings(BaseModel):
-    """How a session holds its context, fixed when the session is created.
+    """The settings of a session's context, fixed when the session is created.
 
     `resume` "exact" stores every chunk's KV as it is created and reloads it, so a resumed
     session computes what an uninterrupted one would; "recompute" keeps token ids only and
@@ -83,6 +83,7 @@ class Session:
         self.version = 0
         self.history: list[dict] = []
         self.lease: Lease | None = None
+        self._rolled_back_to: int | None = None  # the log length a rollback keeps, until the commit
         self.lock_wait = lock_wait  # seconds a turn waits for another writer's lock
         self.stream = self._new_stream()
 
@@ -108,21 +109,29 @@ class Session:
             keys=keys.cpu(), values=values.cpu(), token_ids=torch.tensor(ids, dtype=torch.int64)))
 
     def load(self) -> bool:
-        """Load the session's last committed state from Redis; return False if it has none."""
-        state = self.sessions.load_state(self.session_id)
+        """Load the session's last committed state from Redis; return False if it has none.
+
+        State and message log are read in one transaction, so they come from the same commit
+        even without the lease.
+        """
+        state, records = self.sessions.snapshot(self.session_id)
         if state is None:
             return False
+        self._load_state(state, records)
+        return True
+
+    def _load_state(self, state: dict, records: list[dict]) -> None:
+        """Rebuild the stream, landmarks and log from one commit's `state` and message `records`."""
         self._check_compatible(state)
         self.settings = SessionSettings.model_validate(state["settings"])
         self.stream = self._new_stream()
         self._load_memory(state["landmarks"])
         load_chunk = self._load_chunk if self.settings.resume == "exact" else None
         restore(self.stream, state["stream"], load_chunk)
-        self.records = self.sessions.messages(self.session_id)
+        self.records = records
         self.version, self.history = state["version"], list(state["history"])
         logger.info("session %r resumed (%s) at version %d: %d messages, %d tokens seen", self.session_id,
                     self.settings.resume, self.version, len(self.records), self.stream.tokens_seen)
-        return True
 
     def _check_compatible(self, state: dict) -> None:
         stored = ModelFingerprint.model_validate(state["fingerprint"])
@@ -160,7 +169,8 @@ class Session:
             try:
                 stored = self.sessions.load_state(self.session_id)
                 if stored is not None and stored["version"] != self.version:
-                    self.load()
+                    # The lease keeps other writers out, so the log read now matches this state.
+                    self._load_state(stored, self.sessions.messages(self.session_id))
                 self._drop_uncommitted(stored)
                 appended: list[dict] = []
                 yield appended
@@ -180,9 +190,8 @@ class Session:
         landmarks = state["landmarks"] if state else 0
         chunks = state["stream"]["chunks_emitted"] if state and self.settings.resume == "exact" else landmarks
         store = self.landmark_store
-        extra = set(store.client.zrangebyscore(store.keys.landmarks(self.session_id), landmarks, "+inf"))
-        extra |= set(store.client.zrangebyscore(store.keys.chunks(self.session_id), chunks, "+inf"))
-        for index in sorted(int(member) for member in extra):
+        extra = set(store.indices(self.session_id, landmarks)) | set(store.chunk_indices(self.session_id, chunks))
+        for index in sorted(extra):
             store.delete(self.session_id, index)
         if extra:
             logger.warning("session %r: deleted %d landmark or chunk indices stored after its last commit",
@@ -206,8 +215,6 @@ class Session:
         keep = self._rolled_back_to
         self.sessions.commit(lease, state, append=appended, keep=keep)
         self._rolled_back_to = None
-
-    _rolled_back_to: int | None = None
 
     def _sync(self, messages: list[Message], tools: list[dict] | None, appended: list[dict]) -> tuple[list[int], Usage]:
         """Bring the stream up to `messages`; return the tokens still to feed and the usage so far."""
@@ -265,10 +272,10 @@ class Session:
         return usage
 
     def append(self, messages: list, tools: list[dict] | None = None) -> Usage:
-        """Encode `messages` after whatever the session holds, without replying, and commit.
+        """Encode `messages` after the session's stored log, without replying, and commit.
 
         Unlike `feed`, which takes the whole conversation, this suits several writers adding to
-        one session: each turn appends to the log as it stands when the turn gets the lock.
+        one session, because each turn appends to the log as it is when the turn gets the lock.
         """
         parsed = parse_messages(messages)
         with self.turn() as appended:
@@ -291,8 +298,8 @@ class Session:
                       seed: int = 0) -> Iterator[str]:
         """Yield the reply's text piece by piece, one piece per generated token.
 
-        A piece may be empty while a multi-byte character is incomplete. `self.last_reply` holds
-        the whole Reply once the iterator is exhausted.
+        A piece may be empty while a multi-byte character is incomplete. `self.last_reply` is the
+        whole Reply once the iterator is exhausted.
         """
         parsed = parse_messages(messages)
         with self.turn() as appended:

@@ -148,7 +148,7 @@ def test_run_writes_landmarks_to_redis(play_file, redis_client):
 
         again = run("run", str(play_file), "--landmarks", "3", "--session", session, "--redis", REDIS_URL)
         assert again.returncode == 2
-        assert "already holds landmarks" in again.stderr
+        assert "already contains landmarks" in again.stderr
         replaced = run("run", str(play_file), "--landmarks", "3", "--session", session, "--redis", REDIS_URL,
                        "--replace", "--json")
         assert replaced.returncode == 0, replaced.stderr

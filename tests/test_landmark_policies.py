@@ -49,7 +49,7 @@ def test_relevant_without_queries_falls_back_to_recent():
     assert Relevant().select(total=4, count=2, layers=1, scores=None).landmarks == [[2, 3]]
 
 
-def test_retrieve_restores_best_and_fills_slots_with_the_rest():
+def test_retrieve_fills_both_regions():
     scores = torch.tensor([[0.1, 0.9, 0.5, 0.7, 0.3]])
     selection = Retrieve(2).select(total=5, count=2, layers=1, scores=scores)
     assert selection.chunks == [[1, 3]]
@@ -139,7 +139,8 @@ def test_restored_chunk_gives_back_the_evicted_cache(name):
     ids = random_ids(SINKS + WINDOW + 1)
 
     logits = stream.feed(ids).next_logits
-    assert stream.cache.evicted_tokens == CHUNK and stream.cache.retrieved == CHUNK
+    assert stream.cache.evicted_tokens == CHUNK
+    assert stream.cache.retrieved == CHUNK
     dense = model(input_ids=torch.tensor([ids]), cache=DynamicCache(config=model.config)).logits[0, -1]
     assert torch.allclose(logits, dense, atol=1e-4)
     assert stream.saturation().retrieved == CHUNK

@@ -189,7 +189,7 @@ def test_writer_whose_lock_expired_gets_an_error(reference, redis_client):
     assert contents == ["One writer at a time.", "from the other writer"]
 
 
-def test_a_failed_turn_leaves_no_half_turn_behind(manager, held_out_text):
+def test_failed_turn_leaves_no_state(manager, held_out_text):
     session = manager.session("failed")
     messages = conversation(held_out_text, 2)
     session.feed(messages[:2])
@@ -205,7 +205,7 @@ def test_a_failed_turn_leaves_no_half_turn_behind(manager, held_out_text):
         [m["content"] for m in messages]
 
 
-def test_landmarks_of_a_run_are_not_taken_for_a_conversation(manager, reference, held_out_text):
+def test_manager_rejects_run_landmarks(manager, reference, held_out_text):
     model, tokenizer = reference
     memory = LandmarkMemory(model, rotary_spec(model), LandmarkConfig(), 2, store=manager.landmark_store,
                             session_id="reading")
@@ -213,6 +213,6 @@ def test_landmarks_of_a_run_are_not_taken_for_a_conversation(manager, reference,
     stream.feed(tokenizer.encode(held_out_text[:3000]))
     assert manager.landmark_store.indices("reading")
 
-    with pytest.raises(ValueError, match="holds landmarks but no conversation"):
+    with pytest.raises(ValueError, match="contains landmarks but no conversation"):
         manager.session("reading")
     assert len(manager.landmark_store.indices("reading")) == len(memory.landmarks)  # nothing deleted

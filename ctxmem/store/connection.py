@@ -84,6 +84,16 @@ def connect(url: str | None = None) -> redis.Redis:
     return client
 
 
+def client_for(client_or_url: redis.Redis | str | None) -> redis.Redis:
+    """Return a binary-safe client: `client_or_url` itself if it is one, else `connect(client_or_url)`."""
+    if client_or_url is None or isinstance(client_or_url, str):
+        return connect(client_or_url)
+    if isinstance(client_or_url, redis.Redis):
+        return check_binary_client(client_or_url)
+    raise TypeError(f"client_or_url must be a redis.Redis client, a Redis URL or None, "
+                    f"got {type(client_or_url).__name__}")
+
+
 def describe(client: redis.Redis) -> str:
     """Return where `client` connects, for logs and CLI output (no password)."""
     kwargs = client.get_connection_kwargs()

@@ -22,7 +22,7 @@ from typing import Callable, Literal, TypeVar
 
 import redis
 
-from ctxmem.store.connection import check_binary_client, connect, describe
+from ctxmem.store.connection import client_for, describe
 from ctxmem.store.keys import DEFAULT_PREFIX, KeySchema, validate_index, validate_session_id
 from ctxmem.store.records import (
     SCHEMA_VERSION, Chunk, Landmark, LandmarkMismatchError, ModelFingerprint, check_compatible,
@@ -152,7 +152,7 @@ class LandmarkStore:
         self.ttl_seconds = _positive_or_none("ttl_seconds", ttl_seconds)
         self.max_pending = _positive("max_pending", max_pending)
         self.max_pending_bytes = _positive("max_pending_bytes", max_pending_bytes)
-        self.client = _client(client_or_url)
+        self.client = client_for(client_or_url)
         self.where = describe(self.client)  # host, port and db, never the password
         self._put_script = self.client.register_script(PUT_SCRIPT)
         self._delete_script = self.client.register_script(DELETE_SCRIPT)
@@ -251,15 +251,17 @@ class LandmarkStore:
             check_compatible(chunk.record, fingerprint)
         return chunk
 
-    def indices(self, session_id: str) -> list[int]:
-        """Return the indices of the session's stored landmarks, ascending."""
-        key = self.keys.landmarks(validate_session_id(session_id))
-        return [int(member) for member in self._read(lambda: self.client.zrange(key, 0, -1))]
+    def indices(self, session_id: str, start: int = 0) -> list[int]:
+        """Return the indices of the session's stored landmarks from `start` on, ascending."""
+        return self._indices(self.keys.landmarks(validate_session_id(session_id)), start)
 
-    def chunk_indices(self, session_id: str) -> list[int]:
-        """Return the indices of the session's stored chunks, ascending."""
-        key = self.keys.chunks(validate_session_id(session_id))
-        return [int(member) for member in self._read(lambda: self.client.zrange(key, 0, -1))]
+    def chunk_indices(self, session_id: str, start: int = 0) -> list[int]:
+        """Return the indices of the session's stored chunks from `start` on, ascending."""
+        return self._indices(self.keys.chunks(validate_session_id(session_id)), start)
+
+    def _indices(self, key: str, start: int) -> list[int]:
+        members = self._read(lambda: self.client.zrangebyscore(key, start, "+inf"))  # scored by the index
+        return [int(member) for member in members]
 
     def scan_sessions(self) -> list[str]:
         """Return the ids of all sessions under the prefix, sorted, found with SCAN over meta keys.
@@ -384,15 +386,6 @@ class LandmarkStore:
         except UNREACHABLE_ERRORS as error:
             raise ConnectionError(f"cannot reach Redis at {self.where}: {error}; start the server "
                                   "or check the URL") from error
-
-
-def _client(client_or_url: redis.Redis | str | None) -> redis.Redis:
-    if client_or_url is None or isinstance(client_or_url, str):
-        return connect(client_or_url)
-    if isinstance(client_or_url, redis.Redis):
-        return check_binary_client(client_or_url)
-    raise TypeError(f"client_or_url must be a redis.Redis client, a Redis URL or None, "
-                    f"got {type(client_or_url).__name__}")
 
 
 def _check_type(name: str, value: object, expected: type) -> None:

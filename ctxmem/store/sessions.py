@@ -31,10 +31,9 @@ from typing import Any, Callable, Iterable, Iterator, TypeVar
 import redis
 
 from ctxmem.store.codec import decode, encode
-from ctxmem.store.connection import describe
+from ctxmem.store.connection import client_for, describe
 from ctxmem.store.keys import DEFAULT_PREFIX, KeySchema, validate_session_id
 from ctxmem.store.landmarks import UNREACHABLE_ERRORS
-from ctxmem.store.landmarks import _client as make_client
 from ctxmem.store.records import utc_now
 
 logger = logging.getLogger(__name__)
@@ -213,7 +212,7 @@ class SessionStore:
         self.ttl_seconds = _positive_int_or_none("ttl_seconds", ttl_seconds)
         self.lock_timeout = _seconds("lock_timeout", lock_timeout, allow_zero=False)
         self.lock_ms = max(1, round(self.lock_timeout * 1000))
-        self.client = make_client(client_or_url)
+        self.client = client_for(client_or_url)
         self.where = describe(self.client)  # host, port and db, never the password
         self._acquire_script = self.client.register_script(ACQUIRE_SCRIPT)
         self._renew_script = self.client.register_script(RENEW_SCRIPT)
