@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterator, Literal
 
 import torch
@@ -28,6 +28,7 @@ from ctxmem.store.landmarks import LandmarkStore
 from ctxmem.store.records import Chunk, LandmarkMismatchError, ModelFingerprint, fingerprint_differences
 from ctxmem.store.sessions import Lease, SessionStore
 from ctxmem.stream import Stream
+from ctxmem.toolcalls import ToolChoice
 from ctxmem.transcript import Message, Renderer, common_prefix, hash_chain, parse_messages
 
 logger = logging.getLogger(__name__)
@@ -62,10 +63,14 @@ class Usage:
 
 @dataclass
 class Reply:
+    """A generated reply: the message as logged (tool calls parsed), its tokens and its raw text."""
+
     message: Message
     token_ids: list[int]
     usage: Usage
-    finish_reason: Literal["stop", "length"]
+    finish_reason: Literal["stop", "length", "tool_calls"]
+    text: str = ""  # the raw generated text, tool-call markup included
+    invalid_tool_calls: list[dict] = field(default_factory=list)  # {"id", "name", "arguments": str, "error"}
 
 
 class Session:
@@ -287,31 +292,35 @@ class Session:
 
     def generate(self, messages: list, tools: list[dict] | None = None, max_new_tokens: int = 64,
                  temperature: float = 0.0, top_p: float = 1.0, stop: list[str] | None = None,
-                 seed: int = 0) -> Reply:
+                 seed: int = 0, tool_choice: str | None = None) -> Reply:
         """Reply to `messages` (the whole conversation so far); the reply joins the session's log."""
-        for _ in self.stream_tokens(messages, tools, max_new_tokens, temperature, top_p, stop, seed):
+        for _ in self.stream_tokens(messages, tools, max_new_tokens, temperature, top_p, stop, seed, tool_choice):
             pass
         return self.last_reply
 
     def stream_tokens(self, messages: list, tools: list[dict] | None = None, max_new_tokens: int = 64,
                       temperature: float = 0.0, top_p: float = 1.0, stop: list[str] | None = None,
-                      seed: int = 0) -> Iterator[str]:
-        """Yield the reply's text piece by piece, one piece per generated token.
+                      seed: int = 0, tool_choice: str | None = None) -> Iterator[str]:
+        """Yield the reply's raw text piece by piece, one piece per generated token.
 
-        A piece may be empty while a multi-byte character is incomplete. `self.last_reply` is the
-        whole Reply once the iterator is exhausted.
+        A piece may be empty while a multi-byte character is incomplete. With `tools`, the reply's
+        tool calls are parsed (see ctxmem.toolcalls) and stored with ids, so that the caller can
+        send them back as structured calls. `tool_choice` is "auto" (None), "none", "required"
+        or a tool's name; the last two start the reply with the template's call opening.
+        `self.last_reply` is the whole Reply once the iterator is exhausted.
         """
         parsed = parse_messages(messages)
+        choice = ToolChoice.resolve(self.tokenizer, tools, tool_choice)
         with self.turn() as appended:
             pending, usage = self._sync(parsed, tools, appended)
             renderer = Renderer(self.tokenizer, tools)
-            opening = renderer.generation_prompt(parsed)
+            opening = renderer.generation_prompt(parsed) + renderer.encode(choice.forced)
             usage.prompt_tokens += len(opening)
             usage.encoded_tokens += len(opening)
             generated: list[int] = []
             text, finish = "", "length"
             for token in self.stream.generate(pending + opening, max_new_tokens, temperature, top_p, seed,
-                                              stop_ids=self._stop_ids()):
+                                              stop_ids=self._stop_ids(), banned_ids=choice.banned):
                 generated.append(token)
                 decoded = self.tokenizer.decode(generated)
                 cut = _stop_at(decoded, stop)
@@ -323,16 +332,27 @@ class Session:
                     break
             else:
                 finish = "stop" if len(generated) < max_new_tokens else "length"
-            reply = Message(role="assistant", content=text)
-            closing = renderer.closing(parsed, reply)
-            if closing:
-                self.stream.feed(closing)
-            chain = hash_chain(parsed + [reply], tools)
-            record = {"message": reply.as_dict(), "hash": chain[-1], "ids": opening + generated + closing}
-            self.records.append(record)
-            appended.append(record)
-            usage.completion_tokens = len(generated)
-            self.last_reply = Reply(message=reply, token_ids=generated, usage=usage, finish_reason=finish)
+            self._finish_reply(parsed, tools, choice, opening, generated, choice.forced + text, finish, usage, appended)
+
+    def _finish_reply(self, parsed: list[Message], tools: list[dict] | None, choice: ToolChoice, opening: list[int],
+                      generated: list[int], raw: str, finish: str, usage: Usage, appended: list[dict]) -> None:
+        """Parse the reply's tool calls, close its turn in the stream, and log it as a record."""
+        reply, invalid = Message(role="assistant", content=raw), []
+        if choice.syntax is not None and choice.parse:
+            calls = choice.syntax.parse(raw, list(choice.names))
+            reply, invalid = calls.as_message(), calls.invalid
+        closing = Renderer(self.tokenizer, tools).closing(parsed, reply, generated=raw)
+        if closing:
+            self.stream.feed(closing)
+        chain = hash_chain(parsed + [reply], tools)
+        record = {"message": reply.as_dict(), "hash": chain[-1], "ids": opening + generated + closing}
+        self.records.append(record)
+        appended.append(record)
+        usage.completion_tokens = len(generated)
+        if reply.tool_calls and finish == "stop":
+            finish = "tool_calls"
+        self.last_reply = Reply(message=reply, token_ids=generated, usage=usage, finish_reason=finish, text=raw,
+                                invalid_tool_calls=invalid)
 
     def _stop_ids(self) -> set[int]:
         ids = {self.tokenizer.eos_token_id}

@@ -207,11 +207,13 @@ class Stream:
         return F.cross_entropy(logits.float(), targets, reduction="none").cpu()
 
     def generate(self, prompt_ids: list[int], max_new_tokens: int = 64, temperature: float = 0.0,
-                 top_p: float = 1.0, seed: int = 0, stop_ids: set[int] | None = None) -> Iterator[int]:
+                 top_p: float = 1.0, seed: int = 0, stop_ids: set[int] | None = None,
+                 banned_ids: set[int] | None = None) -> Iterator[int]:
         """Feed `prompt_ids`, then yield up to `max_new_tokens` new token ids one at a time.
 
         Greedy at temperature 0, else seeded nucleus sampling. A stop id ends generation and is
-        not yielded; every yielded token is fed back, so the stream continues after it.
+        not yielded; every yielded token is fed back, so the stream continues after it. Banned
+        ids are never sampled.
         """
         check_sampling(max_new_tokens, temperature, top_p)
         generator = torch.Generator().manual_seed(seed)
@@ -221,7 +223,11 @@ class Stream:
         logits = self._next_logits
         if logits is None:
             raise ValueError("generate() needs a prompt or earlier input to continue from")
+        banned = torch.tensor(sorted(banned_ids or ()), dtype=torch.long)
         for _ in range(max_new_tokens):
+            if len(banned):
+                logits = logits.clone()
+                logits[banned.to(logits.device)] = float("-inf")
             token = sample(logits, temperature, top_p, generator)
             if stop_ids and token in stop_ids:
                 return

@@ -118,7 +118,16 @@ class Renderer:
         """Return the tokens that open the assistant's reply after `messages`."""
         return self.encode(self.suffix(self.text(messages), self.text(messages, generation_prompt=True)))
 
-    def closing(self, messages: list[Message], reply: Message) -> list[int]:
-        """Return the tokens that close `reply` after its generated text (for example an end-of-turn)."""
-        opened = self.text(messages, generation_prompt=True) + reply.content
-        return self.encode(self.suffix(opened, self.text(messages + [reply])))
+    def closing(self, messages: list[Message], reply: Message, generated: str | None = None) -> list[int]:
+        """Return the tokens that close `reply` after its `generated` text (for example an end-of-turn).
+
+        The template writes a tool call in its own spacing, which may differ from the model's.
+        Then the closing is what the template writes after a plain reply.
+        """
+        opened = self.text(messages, generation_prompt=True) + (reply.content if generated is None else generated)
+        full = self.text(messages + [reply])
+        if full.startswith(opened):
+            return self.encode(full[len(opened):])
+        sentinel = "ctxmem-end-of-turn-probe"
+        plain = self.text(messages + [Message(role="assistant", content=sentinel)])
+        return self.encode(plain[plain.rindex(sentinel) + len(sentinel):])

@@ -80,3 +80,15 @@ def tiny_model_dir(tmp_path: Path) -> Callable[[str], Path]:
         return folder
 
     return save
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark the tests a module lists in its XFAIL dict as expected failures.
+
+    A key is a test's name with its parameters ("test_x[a]"), or without them for every case.
+    """
+    for item in items:
+        listed = getattr(item.module, "XFAIL", {})
+        reason = listed.get(item.name) or listed.get(getattr(item, "originalname", item.name))
+        if reason:
+            item.add_marker(pytest.mark.xfail(reason=reason, strict=False))

@@ -1,7 +1,5 @@
-"""LangChain integration for ctxmem.
+"""LangChain integration for ctxmem: `ChatCtxMem`, a chat model whose memory outlives its context window."""
 
-NOTE: the chat model `ChatCtxMem` is not built yet; this package only reserves its import
-path so that `pip install ctxmem` installs both packages from one pyproject.
-"""
+from langchain_ctxmem.chat_model import ChatCtxMem
 
-__all__: list[str] = []
+__all__ = ["ChatCtxMem"]
