@@ -41,6 +41,7 @@ benchmark: venv
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/landmark_store.py
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/landmark_quality.py
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/sessions.py
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/inspect_memory.py
 
 clean:
 	rm -rf $(VENV) build

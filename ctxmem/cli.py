@@ -1,8 +1,10 @@
 """The `ctxmem` command line: model information, generation, streaming, evaluation, chat and the demo.
+`inspect` and `report` (what the memory contains) are in ctxmem.cli_inspect.
 
-Every command but `chat` takes `--json` for machine-readable output. Invalid input prints a
-one-line error naming the value and exits with code 2. Other expected failures, such as a
-session locked by another writer, print one line and exit with code 1.
+Every command but `chat`, `report`, `inspect delete` and `inspect plot` takes `--json` for
+machine-readable output. Invalid input prints a one-line error naming the value and exits with
+code 2. Other expected failures, such as a session locked by another writer, print one line and
+exit with code 1.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from rich.console import Console
 from rich.progress import Progress, TextColumn
 from rich.table import Table
 
+from ctxmem import cli_inspect
 from ctxmem.config import PASS_KEY_METHODS, PERPLEXITY_METHODS
 from ctxmem.store.keys import DEFAULT_PREFIX
 
@@ -78,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_chat_parser(commands)
     _add_demo_parser(commands)
+    cli_inspect.add_parsers(commands)
     return parser
 
 
@@ -199,6 +203,9 @@ def _add_landmark_options(parser: argparse.ArgumentParser, storage: bool) -> Non
         parser.add_argument("--redis", help="Redis URL (default: $CTXMEM_REDIS_URL, else the embedded server)")
         parser.add_argument("--replace", action="store_true",
                             help="delete the landmarks an earlier run stored under --session first")
+        parser.add_argument("--attention-stats", action="store_true",
+                            help="count per landmark the times it was injected and the attention mass it "
+                                 "received, stored beside the landmarks (computes attention twice)")
 
 
 def _cache_config(args: argparse.Namespace):
@@ -235,13 +242,16 @@ def _check_landmark_options(args: argparse.Namespace) -> None:
                          "landmarks; add --landmarks L (or --retrieve K with the retrieve policy)")
     if not memory and (getattr(args, "session", None) or getattr(args, "redis", None)):
         raise ValueError("--session and --redis store landmarks; add --landmarks L (or --retrieve K)")
+    if getattr(args, "attention_stats", False) and not (getattr(args, "session", None) or getattr(args, "redis", None)):
+        raise ValueError("--attention-stats stores its counts beside the landmarks in Redis; add --session ID")
 
 
 def _landmark_config(args: argparse.Namespace):
     from ctxmem.config import LandmarkConfig
 
     return LandmarkConfig(policy=args.landmark_policy, centroids=args.centroids, source=args.landmark_source,
-                          retrieve=args.retrieve, bias=args.landmark_bias, query_tokens=args.query_tokens)
+                          retrieve=args.retrieve, bias=args.landmark_bias, query_tokens=args.query_tokens,
+                          attention_stats=getattr(args, "attention_stats", False))
 
 
 def _landmark_memory(args: argparse.Namespace, model, tokenizer, config):
@@ -619,6 +629,8 @@ def run_run(args: argparse.Namespace, console: Console) -> None:
     started = time.perf_counter()
     with _progress(console, len(ids), f"streaming {Path(args.path).name}", args.json) as advance:
         nll = streaming_nll(model, ids, config, advance, stream=stream)
+    if memory is not None:
+        memory.flush_usage()
     saturation = stream.saturation()
     summary = {
         "model": args.model, "tokens": len(ids), "perplexity": math.exp(nll.mean().item()),
@@ -728,6 +740,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, Console], None]] = {
     "eval": run_measure,
     "chat": run_chat,
     "demo": run_demo,
+    **cli_inspect.COMMANDS,
 }
 
 

@@ -144,7 +144,8 @@ class Session:
         if differences:
             raise LandmarkMismatchError(f"session {self.session_id!r} was written by another model "
                                         f"({'; '.join(differences)}); open it with the model that created it")
-        if self.requested is not None and self.requested.model_dump() != state["settings"]:
+        # Compared as settings, not dumps, so that a field added later with its default still matches.
+        if self.requested is not None and self.requested != SessionSettings.model_validate(state["settings"]):
             raise ValueError(f"session {self.session_id!r} was created with settings {state['settings']}, "
                              f"not {self.requested.model_dump()}; open it without settings to use the stored ones")
 
@@ -208,6 +209,7 @@ class Session:
         memory = self.stream.memory
         if memory is not None and memory.store is not None:
             memory.store.flush()
+            memory.flush_usage()
         saturation = self.stream.saturation()
         self.history.append({"turn": len(self.history), "time": time.time(), **saturation.model_dump()})
         self.version += 1

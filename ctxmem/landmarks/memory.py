@@ -6,6 +6,8 @@ given, and keeps the chunk's full KV when the `retrieve` policy may restore it. 
 returns the selected landmarks and restored chunks in the layout `StreamingCache.place_landmarks`
 takes. The memory is also the attention hook of its stream (see ctxmem.attention): it logs the
 latest queries for the policies that score landmarks, and biases landmark entries by log(count).
+With `LandmarkConfig.attention_stats` it also counts each landmark's placements and the attention
+mass it receives, and `flush_usage` adds those counts to the store's usage hash.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from ctxmem.landmarks.scoring import QueryLog, score
 from ctxmem.rope import RotarySpec
 from ctxmem.store.landmarks import LandmarkStore
 from ctxmem.store.records import Chunk, Landmark
+from ctxmem.store.usage import LandmarkUsage, UsageStore
 
 logger = logging.getLogger(__name__)
 
@@ -63,11 +66,13 @@ class LandmarkMemory:
         self.written = 0
         self.injected = 0
         self.retrieved = 0
+        self.usage: dict[int, LandmarkUsage] = {}  # counts not yet added to the store, by landmark index
+        self._memory_start = 0  # cache index of the first landmark entry, set by `placement`
 
     @property
     def hooks_attention(self) -> bool:
         """Whether the stream must run this memory as its attention hook."""
-        return self.config.uses_queries or self.config.bias
+        return self.config.uses_queries or self.config.bias or self.config.attention_stats
 
     @property
     def needs_window_kv(self) -> bool:
@@ -136,6 +141,10 @@ class LandmarkMemory:
             keys.append(torch.cat(layer_keys, dim=1)[None].to(device))  # [1, kv_heads, n, head_dim]
             values.append(torch.cat(layer_values, dim=1)[None].to(device))
         self.injected = len(self.selection.landmarks[0])
+        self._memory_start = pinned
+        if self.config.attention_stats:
+            for index in set().union(*self.selection.landmarks):
+                self.usage.setdefault(index, LandmarkUsage()).injected += 1
         self.retrieved = len(self.selection.chunks[0])
         retrieved_entries = sum(self.chunks[i][0].shape[2] for i in self.selection.chunks[0])
         self._bias = self._log_count_bias(pinned, capacity, device) if self.config.bias else None
@@ -164,3 +173,46 @@ class LandmarkMemory:
     def key_bias(self, layer: int, kv_length: int) -> torch.Tensor | None:
         """Return the log-count bias of the first `kv_length` cache entries, or None without landmarks."""
         return None if self._bias is None else self._bias[layer][:kv_length]
+
+    # Attention statistics (LandmarkConfig.attention_stats), called by the attention function
+
+    def attention_span(self, layer: int) -> tuple[int, int] | None:
+        """Return the cache entries [start, end) of the landmarks placed in `layer`, or None."""
+        if not self.config.attention_stats or self.selection is None or not self.selection.landmarks[layer]:
+            return None
+        count = len(self.selection.landmarks[layer]) * self.config.centroids
+        return self._memory_start, self._memory_start + count
+
+    def record_attention(self, layer: int, mass: torch.Tensor) -> None:
+        """Add one layer's attention `mass` [entries] to the landmarks placed there.
+
+        A landmark's mass is summed over its entries and over the forward's queries, averaged
+        over heads and over all layers, so a landmark that took all the attention of one query
+        in every layer gains 1.0.
+
+        NOTE: a prompt piece that `Stream.refresh` encodes again is counted twice.
+        """
+        chosen = self.selection.landmarks[layer]
+        layers = self.model.config.num_hidden_layers
+        per_landmark = mass.float().reshape(len(chosen), self.config.centroids).sum(-1) / layers  # [landmarks]
+        for index, value in zip(chosen, per_landmark.tolist()):
+            self.usage.setdefault(index, LandmarkUsage()).mass += value
+
+    def flush_usage(self) -> None:
+        """Add the counts gathered since the last flush to the store's usage hash, then forget them.
+
+        Without a store the counts stay in `usage`. When Redis is unreachable they stay too, with
+        a warning, and the next flush sends them.
+
+        NOTE: counts are added outside a session's commit, so a turn that fails after a flush
+        leaves its counts in Redis.
+        """
+        if not self.usage or self.store is None:
+            return
+        usage_store = UsageStore(self.store.client, self.store.keys, self.store.ttl_seconds)
+        try:
+            usage_store.add(self.session_id, self.usage)
+        except ConnectionError as error:
+            logger.warning("kept the usage counts of %d landmarks in memory: %s", len(self.usage), error)
+            return
+        self.usage = {}

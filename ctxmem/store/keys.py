@@ -12,6 +12,8 @@ Schema, for a prefix (default "ctxmem") and a session id:
     {prefix}:{<session>}:state          msgpack: {"schema_version", "fence", "state"}
     {prefix}:{<session>}:lock           string: lease token "<fence>:<uuid4 hex>" of the writer, with a PX expiry
     {prefix}:{<session>}:fence          integer: fencing token, incremented by every lock acquire
+    {prefix}:{<session>}:usage          hash: "<i>:injected" and "<i>:mass" per landmark, written only
+                                        when attention statistics are on (see ctxmem.store.usage)
     {prefix}:sessions                   sorted set: session id -> last update (Unix seconds)
 
 The meta hash and `{prefix}:sessions` are shared: the landmark store and the session store
@@ -117,6 +119,9 @@ class KeySchema:
 
     def fence(self, session_id: str) -> str:
         return self.session_base(session_id) + "fence"
+
+    def usage(self, session_id: str) -> str:
+        return self.session_base(session_id) + "usage"
 
     def sessions(self) -> str:
         return f"{self.prefix}:sessions"

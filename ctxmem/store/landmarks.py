@@ -86,12 +86,13 @@ end
 return {status, ''}
 """
 
-# KEYS: meta, landmarks index, chunks index. ARGV: landmark key without index, chunk key
-# without index, the index to delete or "" for the whole session. Returns the keys removed.
+# KEYS: meta, landmarks index, chunks index, usage hash. ARGV: landmark key without index, chunk
+# key without index, the index to delete or "" for the whole session. Returns the keys removed.
 DELETE_SCRIPT = """
 if ARGV[3] ~= '' then
   redis.call('ZREM', KEYS[2], ARGV[3])
   redis.call('ZREM', KEYS[3], ARGV[3])
+  redis.call('HDEL', KEYS[4], ARGV[3] .. ':injected', ARGV[3] .. ':mass')
   return redis.call('DEL', ARGV[1] .. ARGV[3], ARGV[2] .. ARGV[3])
 end
 
@@ -101,7 +102,7 @@ for position, key_prefix in ipairs({ARGV[1], ARGV[2]}) do
     removed = removed + redis.call('DEL', key_prefix .. member)
   end
 end
-return removed + redis.call('DEL', KEYS[1], KEYS[2], KEYS[3])
+return removed + redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4])
 """
 
 
@@ -187,6 +188,19 @@ class LandmarkStore:
         verify(chunk)
         return self._submit(self._pending_write("chunk", chunk, replace))
 
+    def put_blob(self, kind: Kind, blob: bytes, session_id: str, index: int, replace: bool = False) -> PutStatus:
+        """Store an encoded landmark or chunk exactly as given, after decoding and verifying it.
+
+        This is how an export comes back byte for byte (see ctxmem.inspect.transfer). The blob
+        must decode to a valid record stored under (`session_id`, `index`); statuses and errors
+        as for `put`.
+        """
+        item_type = Landmark if kind == "landmark" else Chunk
+        item = item_type.from_blob(blob, validate_session_id(session_id), validate_index(index))
+        write = PendingWrite(kind=kind, session_id=session_id, index=index, blob=blob,
+                             fingerprint_json=item.record.fingerprint.model_dump_json(), replace=replace)
+        return self._submit(write)
+
     def flush(self) -> int:
         """Send the queued writes in order; return how many left the queue in this call.
 
@@ -215,12 +229,13 @@ class LandmarkStore:
     def delete(self, session_id: str, index: int | None = None) -> int:
         """Delete landmark and chunk `index` of the session, or the whole session if index is None.
 
-        Queued writes of what is deleted are dropped too. Returns the number of Redis keys removed.
+        The usage counters of what is deleted go too (see ctxmem.store.usage). Queued writes of what is deleted are dropped too. Returns the number of Redis keys removed.
         """
         session_id = validate_session_id(session_id)
         index = None if index is None else validate_index(index)
         self._drop_pending(session_id, index)
-        keys = [self.keys.meta(session_id), self.keys.landmarks(session_id), self.keys.chunks(session_id)]
+        keys = [self.keys.meta(session_id), self.keys.landmarks(session_id), self.keys.chunks(session_id),
+                self.keys.usage(session_id)]
         args = [self.keys.item_prefix(session_id, "landmark"), self.keys.item_prefix(session_id, "chunk"),
                 "" if index is None else str(index)]
         removed = self._read(lambda: self._delete_script(keys=keys, args=args))
