@@ -237,9 +237,10 @@ class Session:
             self.records.append(record)
             appended.append(record)
             pending += self._pin_if_system(position, ids)
-        cached = sum(len(record["ids"]) for record in self.records[:common])
-        usage = Usage(prompt_tokens=cached + len(pending), encoded_tokens=len(pending), cached_tokens=cached,
-                      rolled_back=rolled_back)
+        kept = sum(len(record["ids"]) for record in self.records[:common])
+        replayed = kept if rolled_back else 0  # a rollback encodes the kept messages again
+        usage = Usage(prompt_tokens=kept + len(pending), encoded_tokens=replayed + len(pending),
+                      cached_tokens=kept - replayed, rolled_back=rolled_back)
         return pending, usage
 
     def _pin_if_system(self, position: int, ids: list[int]) -> list[int]:
@@ -305,7 +306,9 @@ class Session:
                       seed: int = 0, tool_choice: str | None = None) -> Iterator[str]:
         """Yield the reply's raw text piece by piece, one piece per generated token.
 
-        A piece may be empty while a multi-byte character is incomplete. With `tools`, the reply's
+        A piece may be empty while a multi-byte character is incomplete, or while the text may
+        be the start of a stop sequence; text held back that way comes as one more piece at the
+        end when no stop sequence completes. With `tools`, the reply's
         tool calls are parsed (see ctxmem.toolcalls) and stored with ids, so that the caller can
         send them back as structured calls. `tool_choice` is "auto" (None), "none", "required"
         or a tool's name; the last two start the reply with the template's call opening.
@@ -326,7 +329,8 @@ class Session:
                 generated.append(token)
                 decoded = self.tokenizer.decode(generated)
                 cut = _stop_at(decoded, stop)
-                piece = (decoded if cut is None else decoded[:cut])[len(text):]
+                shown = decoded[:cut] if cut is not None else decoded[:len(decoded) - _stop_prefix(decoded, stop)]
+                piece = shown[len(text):]
                 text += piece
                 yield piece
                 if cut is not None:
@@ -334,6 +338,9 @@ class Session:
                     break
             else:
                 finish = "stop" if len(generated) < max_new_tokens else "length"
+                if generated and len(decoded) > len(text):
+                    yield decoded[len(text):]  # a held-back tail that no stop sequence completed
+                    text = decoded
             self._finish_reply(parsed, tools, choice, opening, generated, choice.forced + text, finish, usage, appended)
 
     def _finish_reply(self, parsed: list[Message], tools: list[dict] | None, choice: ToolChoice, opening: list[int],
@@ -379,6 +386,17 @@ class Session:
         self.stream = self._new_stream()
         self.records, self.history, self._rolled_back_to = [], [], None
         self.version = -1
+
+
+def _stop_prefix(text: str, stop: list[str] | None) -> int:
+    """Return the length of the longest tail of `text` that may begin a stop sequence (held back)."""
+    longest = 0
+    for sequence in stop or []:
+        for size in range(min(len(sequence) - 1, len(text)), longest, -1):
+            if text.endswith(sequence[:size]):
+                longest = size
+                break
+    return longest
 
 
 def _stop_at(text: str, stop: list[str] | None) -> int | None:

@@ -41,8 +41,11 @@ def main(question: str) -> int:
     model = ChatCtxMem(model="reference", max_tokens=48)
     agent = create_agent(model, tools=[clock, calculator, weather], system_prompt="You are a helpful assistant.")
     thread = f"agent-example-{uuid.uuid4().hex[:8]}"
-    result = agent.invoke({"messages": [{"role": "user", "content": question}]},
-                          config={"configurable": {"thread_id": thread}})
+    try:
+        result = agent.invoke({"messages": [{"role": "user", "content": question}]},
+                              config={"configurable": {"thread_id": thread}})
+    finally:
+        model.delete_session(thread)
 
     called = False
     for message in result["messages"]:
@@ -57,7 +60,6 @@ def main(question: str) -> int:
     usage = answer.usage_metadata or {}
     print(f"last turn: {usage.get('input_tokens')} prompt tokens, "
           f"{usage.get('input_token_details', {}).get('cache_read')} of them read from session {thread!r}")
-    model.backend.manager.delete(thread)
     return 0 if called else 1
 
 

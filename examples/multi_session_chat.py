@@ -36,19 +36,24 @@ def one_run(turn: int, run_id: str) -> None:
         print(f"[turn {turn}] {thread}: {question.content!r} -> {reply.content!r} "
               f"({usage['input_token_details']['cache_read']} of {usage['input_tokens']} prompt tokens from memory)")
         if turn == len(questions) - 1:
-            model.backend.manager.delete(thread)
+            model.delete_session(thread)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--turn", type=int, help="run only this turn (0, 1 or 2) in this process")
+    parser.add_argument("--turn", type=int, choices=range(3), help="run only this turn (0, 1 or 2) in this process")
     parser.add_argument("--run-id", default=uuid.uuid4().hex[:8], help="names the two sessions")
     args = parser.parse_args()
     if args.turn is not None:
         one_run(args.turn, args.run_id)
         return 0
-    for turn in range(3):
-        subprocess.run([sys.executable, __file__, "--turn", str(turn), "--run-id", args.run_id], check=True)
+    try:
+        for turn in range(3):
+            subprocess.run([sys.executable, __file__, "--turn", str(turn), "--run-id", args.run_id], check=True)
+    except subprocess.CalledProcessError:
+        for person in QUESTIONS:  # a failed run leaves nothing behind
+            ChatCtxMem(model="reference").delete_session(f"example-{args.run_id}-{person}")
+        raise
     return 0
 
 

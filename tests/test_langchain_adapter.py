@@ -13,7 +13,7 @@ from transformers import AutoTokenizer
 
 from ctxmem.model import REFERENCE_MODEL_DIR
 from ctxmem.reference.synthetic import TOOLS
-from ctxmem.store.sessions import SessionStore
+from ctxmem.store.sessions import SessionBusyError, SessionStore
 from langchain_ctxmem import ChatCtxMem
 from langchain_ctxmem.messages import TemplateRules, to_chat_messages
 from tests.conftest import REDIS_URL
@@ -166,17 +166,66 @@ def test_call_without_session_leaves_nothing_in_redis(chat, redis_client):
     assert list(client.scan_iter(match=f"{prefix}*")) == []
 
 
-def test_tool_choice_none_and_stop_sequences(chat):
-    model = chat(max_tokens=30)
-    free = model.bind_tools([CLOCK], tool_choice="none").invoke(QUESTION)
-    stopped = model.invoke(QUESTION, stop=["is"])
-    plain = model.invoke(QUESTION)
-
+def test_tool_choice_none(chat):
+    free = chat(max_tokens=30).bind_tools([CLOCK], tool_choice="none").invoke(QUESTION)
     assert free.tool_calls == []
     assert "<tool_call>" not in free.content
-    assert "is" in plain.content
-    assert stopped.content == plain.content[:plain.content.index("is")]
+
+
+def test_stop_sequence_of_several_tokens_cuts_before_it(chat):
+    model = chat(max_tokens=30)
+    plain = model.invoke(QUESTION).content
+    words = plain.split()
+    stop = " ".join(words[1:3])  # two words from inside the reply: several tokens
+
+    stopped = model.invoke(QUESTION, stop=[stop])
+    streamed = "".join(chunk.content for chunk in model.stream(QUESTION, stop=[stop]))
+
+    assert len(words) >= 3, plain
+    assert stopped.content == plain[:plain.index(stop)]
+    assert streamed == stopped.content
     assert stopped.response_metadata["finish_reason"] == "stop"
+
+
+def test_forced_tool_call_streams_no_markup(chat):
+    model = chat().bind_tools([CLOCK, TOOLS["weather"]], tool_choice="weather")
+    invoked = model.invoke(QUESTION)
+    chunks = list(model.stream(QUESTION))
+    full = chunks[0]
+    for chunk in chunks[1:]:
+        full = full + chunk
+
+    assert invoked.tool_calls[0]["name"] == "weather"
+    assert "".join(chunk.content for chunk in chunks) == invoked.content == ""
+    assert [(call["name"], call["args"]) for call in full.tool_calls] == \
+        [(call["name"], call["args"]) for call in invoked.tool_calls]
+
+
+def test_rolled_back_turn_reads_nothing_from_memory(chat):
+    model = chat(session_id=session_id())
+    model.invoke([SystemMessage("You are a helpful assistant."), HumanMessage("My name is Ada.")])
+    edited = model.invoke([SystemMessage("You are a helpful assistant."), HumanMessage("My name is Marcus.")])
+
+    usage, metadata = edited.usage_metadata, edited.response_metadata["ctxmem"]
+    assert metadata["rolled_back"] is True
+    assert usage["input_token_details"]["cache_read"] == 0
+    assert metadata["encoded_tokens"] == usage["input_tokens"]
+
+
+def test_busy_session_is_not_retried_and_timeout_is_per_model(chat, redis_client, caplog):
+    client, prefix = redis_client
+    sid = session_id()
+    model = chat(session_id=sid, timeout=0.2, max_retries=2)
+    model.invoke(QUESTION)
+    store = SessionStore(client, prefix=prefix)
+
+    with store.lease(sid, wait=1.0), caplog.at_level("WARNING"):
+        with pytest.raises(SessionBusyError, match="timed out after 0.2 s waiting for the lock"):
+            model.invoke(QUESTION)
+    chat(session_id=sid).invoke(QUESTION)
+
+    assert "retrying" not in caplog.text
+    assert model.backend.manager.session(sid).lock_wait == 30.0
 
 
 def test_cut_tool_call_is_an_invalid_tool_call(chat):
@@ -206,6 +255,10 @@ def test_bad_input_is_refused_before_anything_is_stored(chat, redis_client):
     client, prefix = redis_client
     with pytest.raises(ValueError, match="invalid session id 'no spaces allowed'"):
         chat(session_id="no spaces allowed").invoke(QUESTION)
+    with pytest.raises(ValueError, match="invalid session id ''"):
+        chat().invoke(QUESTION, config={"configurable": {"thread_id": ""}})
+    with pytest.raises(ValueError, match="seed must be an integer, got 'x'"):
+        chat().bind(seed="x").invoke(QUESTION)
     with pytest.raises(ValueError, match="message 1 has a 'image_url' content block"):
         chat(session_id=session_id()).invoke([HumanMessage("Hi"), HumanMessage(content=[
             {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}])])

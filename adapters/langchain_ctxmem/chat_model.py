@@ -29,7 +29,7 @@ from pydantic import ConfigDict, Field, PrivateAttr
 
 from ctxmem.session import Reply, Session, SessionSettings
 from ctxmem.store.keys import DEFAULT_PREFIX, validate_session_id
-from ctxmem.store.sessions import SessionLockError
+from ctxmem.store.sessions import SessionBusyError, SessionLockError
 from ctxmem.toolcalls import ToolChoice
 
 from langchain_ctxmem.backend import Backend, backend_for
@@ -44,6 +44,9 @@ class ChatCtxMem(BaseChatModel):
 
     The session comes from, in order: a `session_id` call argument (`.bind(session_id=...)`),
     `config["configurable"]["session_id"]` or `["thread_id"]`, then the `session_id` field.
+
+    NOTE: turns on one model run one at a time, and a `stream()` holds the model until it is
+    exhausted or closed; close a stream you stop reading early.
     """
 
     model_config = ConfigDict(arbitrary_types_allowed=True)
@@ -55,7 +58,8 @@ class ChatCtxMem(BaseChatModel):
     stop: list[str] | None = Field(default=None, description="stop sequences applied to the reply text")
     timeout: float | None = Field(default=None, ge=0.0,
                                   description="seconds a call waits for another writer's session lock (None: 30)")
-    max_retries: int = Field(default=2, ge=0, description="retries of a turn that lost its session lock")
+    max_retries: int = Field(default=2, ge=0,
+                             description="retries of an invoke whose turn lost its session lock midway")
     streaming: bool = False
     seed: int = 0
     session_id: str | None = Field(default=None, description="the conversation's id in Redis")
@@ -129,6 +133,8 @@ class ChatCtxMem(BaseChatModel):
                     if isinstance(event, tuple):
                         ending = event
                 break
+            except SessionBusyError:
+                raise  # waited `timeout` for another writer already
             except SessionLockError as error:
                 if attempt == self.max_retries:
                     raise
@@ -152,6 +158,8 @@ class ChatCtxMem(BaseChatModel):
             if isinstance(event, tuple):
                 last = self._message(*event, kind=AIMessageChunk)
                 content = event[0].message.content
+                if not content.startswith(emitted):
+                    logger.warning("streamed text %r is not a prefix of the reply's content %r", emitted, content)
                 last.content = content[len(emitted):] if content.startswith(emitted) else ""
                 last.chunk_position = "last"
                 yield ChatGenerationChunk(message=last)
@@ -194,16 +202,16 @@ class ChatCtxMem(BaseChatModel):
         tools = kwargs.get("tools")
         chat = to_chat_messages(messages, backend.rules)
         choice = ToolChoice.resolve(backend.tokenizer, tools, kwargs.get("tool_choice"))
-        session_id = _session_id(kwargs.get("session_id") or self.session_id)
+        session_id = _session_id(kwargs["session_id"] if "session_id" in kwargs else self.session_id)
         stops = [*(self.stop or []), *(stop or [])]
         with backend.lock:
             session = self._session(backend, session_id)
             try:
-                yield VisibleText(choice.syntax if choice.parse else None)
+                yield VisibleText(choice.syntax if choice.parse else None, forced=choice.forced)
                 pieces = session.stream_tokens(
                     chat, tools, max_new_tokens=kwargs.get("max_tokens", self.max_tokens),
-                    temperature=kwargs.get("temperature", self.temperature), top_p=self.top_p, stop=stops or None,
-                    seed=self.seed, tool_choice=kwargs.get("tool_choice"))
+                    temperature=kwargs.get("temperature", self.temperature), top_p=kwargs.get("top_p", self.top_p),
+                    stop=stops or None, seed=_seed(kwargs.get("seed", self.seed)), tool_choice=kwargs.get("tool_choice"))
                 yield from pieces
                 yield session.last_reply, _metadata(session, session_id)
             finally:
@@ -212,8 +220,7 @@ class ChatCtxMem(BaseChatModel):
 
     def _session(self, backend: Backend, session_id: str | None) -> Session:
         session = backend.manager.session(session_id or f"ephemeral-{uuid.uuid4().hex}")
-        if self.timeout is not None:
-            session.lock_wait = self.timeout
+        session.lock_wait = 30.0 if self.timeout is None else self.timeout  # copies share the session
         return session
 
     def _message(self, reply: Reply, metadata: dict[str, Any], kind: type) -> AIMessage | AIMessageChunk:
@@ -253,6 +260,14 @@ class ChatCtxMem(BaseChatModel):
         records = self.backend.manager.session_store.messages(session_id)
         return from_chat_messages([record["message"] for record in records])
 
+    def delete_session(self, session_id: str | None = None) -> None:
+        """Delete everything stored for a session: its messages, state, landmarks and chunks."""
+        session_id = _session_id(session_id or self.session_id)
+        if session_id is None:
+            raise ValueError("delete_session() needs a session id: pass one, or set ChatCtxMem(session_id=...)")
+        with self.backend.lock:
+            self.backend.manager.delete(session_id)
+
     # Token counting
 
     def get_num_tokens_from_messages(self, messages: list[BaseMessage],
@@ -280,11 +295,19 @@ def _metadata(session: Session, session_id: str | None) -> dict[str, Any]:
 
 def _with_session(config: RunnableConfig | None, kwargs: dict[str, Any]) -> dict[str, Any]:
     """Add the session id from the run config (`session_id` or `thread_id`) unless a call argument set it."""
-    if kwargs.get("session_id"):
+    if "session_id" in kwargs:
         return kwargs
     configurable = ensure_config(config).get("configurable") or {}
-    found = configurable.get("session_id") or configurable.get("thread_id")
-    return {**kwargs, "session_id": str(found)} if found else kwargs
+    for key in ("session_id", "thread_id"):
+        if configurable.get(key) is not None:
+            return {**kwargs, "session_id": str(configurable[key])}
+    return kwargs
+
+
+def _seed(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"seed must be an integer, got {value!r}; pass for example seed=0")
+    return value
 
 
 def _session_id(value: Any) -> str | None:

@@ -14,8 +14,8 @@ from ctxmem.toolcalls import ToolSyntax
 class VisibleText:
     """Accumulates raw reply text and returns the part that may be shown so far."""
 
-    def __init__(self, syntax: ToolSyntax | None):
-        self.syntax, self.raw = syntax, ""
+    def __init__(self, syntax: ToolSyntax | None, forced: str = ""):
+        self.syntax, self.raw = syntax, forced  # a forced call opening is part of the reply's text
 
     def add(self, piece: str) -> str:
         """Append a raw piece; return the visible text so far (it only grows)."""

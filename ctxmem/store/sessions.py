@@ -168,6 +168,10 @@ class SessionLockError(RuntimeError):
         self.session_id = session_id
 
 
+class SessionBusyError(SessionLockError):
+    """Another writer held a session's lock for longer than the turn was willing to wait."""
+
+
 class SessionDataError(ValueError):
     """A stored message record or state blob cannot be decoded or has an unknown schema version."""
 
@@ -242,7 +246,7 @@ class SessionStore:
                 return Lease(session_id=session_id, token=token.decode(), fence=int(fence))
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise SessionLockError(session_id, f"timed out after {wait:g} s waiting for the lock: "
+                raise SessionBusyError(session_id, f"timed out after {wait:g} s waiting for the lock: "
                                        f"held by another writer ({_describe_holder(token, expiry[0])}); "
                                        "retry later or pass a longer wait")
             time.sleep(min(remaining, POLL_SECONDS * (1 + random.random())))
