@@ -203,6 +203,7 @@ def _add_landmark_options(parser: argparse.ArgumentParser, storage: bool) -> Non
         parser.add_argument("--redis", help="Redis URL (default: $CTXMEM_REDIS_URL, else the embedded server)")
         parser.add_argument("--replace", action="store_true",
                             help="delete the landmarks an earlier run stored under --session first")
+        parser.add_argument("--prefix", default=DEFAULT_PREFIX, help=argparse.SUPPRESS)
         parser.add_argument("--attention-stats", action="store_true",
                             help="count per landmark the times it was injected and the attention mass it "
                                  "received, stored beside the landmarks (computes attention twice)")
@@ -266,7 +267,7 @@ def _landmark_memory(args: argparse.Namespace, model, tokenizer, config):
         return None
     stored = args.session is not None or args.redis is not None
     session_id = validate_session_id(args.session or f"run-{uuid.uuid4().hex[:12]}")
-    store = LandmarkStore(args.redis) if stored else None
+    store = LandmarkStore(args.redis, prefix=args.prefix) if stored else None
     if store is not None and SessionStore(store.client, prefix=store.keys.prefix).exists(session_id):
         raise ValueError(f"session {session_id!r} is a conversation (ctxmem chat or MemoryManager), and its "
                          "landmarks belong to it; pass another --session id")

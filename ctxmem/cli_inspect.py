@@ -16,6 +16,7 @@ from typing import Callable
 
 from rich import box
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from ctxmem.store.keys import DEFAULT_PREFIX
@@ -291,6 +292,7 @@ def run_export(args: argparse.Namespace, console: Console) -> None:
         raise ValueError(f"{args.output!r} is a folder; pass the path of the .jsonl file to write")
     # The file gets its name only when complete, so a failed export leaves no half-written file.
     temporary = path.with_name(path.name + ".partial")
+    path.parent.mkdir(parents=True, exist_ok=True)
     try:
         with temporary.open("w", encoding="utf-8") as out:
             counts = export_session(inspector, args.session_id, out)
@@ -335,13 +337,13 @@ def run_delete(args: argparse.Namespace, console: Console) -> None:
     if not args.yes and not _confirmed(console, f"delete {target} under prefix {args.prefix!r}? [y/N] "):
         raise CommandError(f"nothing deleted: {target} is kept (pass --yes to delete without asking)")
     removed = inspector.delete(session_id, args.landmark)
-    console.print(f"deleted {target} ({removed} Redis keys)")
+    console.print(f"deleted {target} ({removed} Redis {'key' if removed == 1 else 'keys'})")
 
 
 def _confirmed(console: Console, question: str) -> bool:
     """Ask `question` on the terminal, or read the reply from a piped stdin. Only y or yes confirms."""
     try:
-        answer = console.input(question) if sys.stdin.isatty() else _piped_answer(console, question)
+        answer = console.input(escape(question)) if sys.stdin.isatty() else _piped_answer(console, question)
     except EOFError:
         return False
     return answer.strip().lower() in ("y", "yes")

@@ -237,3 +237,20 @@ def test_listing_rejects_corrupt_blob(redis_client):
     client.set(KeySchema(prefix).landmark("reading", 1), b"\x93not a landmark")
     with pytest.raises(LandmarkMismatchError, match="session 'reading' landmark 1: invalid blob"):
         Inspector(client, prefix).landmarks("reading")
+
+
+def test_import_rejects_edited_meta_fingerprint(export_lines, tmp_path):
+    meta = next(line for line in export_lines if line["kind"] == "meta")
+    meta["fields"]["fingerprint"] = OTHER_FINGERPRINT.model_dump_json()
+    with pytest.raises(ImportFileError, match="the meta hash was computed by another model"):
+        read_export(_file(tmp_path, export_lines))
+
+
+@pytest.mark.parametrize("field, value", [("0:mass", "banana"), ("0:injected", "-1"), ("zero:injected", "1")])
+def test_import_rejects_edited_usage(export_lines, tmp_path, field, value):
+    usage = {"kind": "usage", "fields": {field: value}}
+    header = export_lines[0]
+    header["counts"]["usage"] = 1
+    lines = [*(line for line in export_lines if line["kind"] != "usage"), usage]
+    with pytest.raises(ImportFileError, match=f"invalid usage field '{field}'"):
+        read_export(_file(tmp_path, lines))

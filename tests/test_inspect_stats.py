@@ -107,18 +107,18 @@ def test_run_attention_stats_needs_a_session(tmp_path, capsys):
 
 
 def test_run_attention_stats_writes_usage(tmp_path, held_out_text, redis_client):
-    client, _ = redis_client
+    client, prefix = redis_client
     session = f"stats-{uuid.uuid4().hex[:8]}"
     text = tmp_path / "play.txt"
     text.write_text(held_out_text[:4000], encoding="utf-8")
     command = [str(Path(sys.executable).parent / "ctxmem"), "run", str(text), "--landmarks", "2", "--chunk", "32",
-               "--session", session, "--redis", REDIS_URL, "--attention-stats", "--json"]
+               "--session", session, "--redis", REDIS_URL, "--prefix", prefix, "--attention-stats", "--json"]
     try:
         result = subprocess.run(command, capture_output=True, text=True, timeout=300)
         assert result.returncode == 0, result.stderr
         written = json.loads(result.stdout)["landmarks_written"]
-        usage = client.hgetall(f"ctxmem:{{{session}}}:usage")
+        usage = client.hgetall(f"{prefix}:{{{session}}}:usage")
         assert written > 2
         assert {field.decode() for field in usage} >= {f"{index}:injected" for index in range(written)}
     finally:
-        LandmarkStore(client).delete(session)
+        LandmarkStore(client, prefix=prefix).delete(session)

@@ -29,6 +29,7 @@ import json
 import logging
 import time
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import IO, Iterator
 
@@ -172,6 +173,7 @@ def _read_line(export: ExportFile, line: dict, where: str) -> None:
         fields = line.get("fields")
         if not isinstance(fields, dict) or not all(isinstance(value, str) for value in fields.values()):
             raise ImportFileError(f"{where}: {kind} \"fields\" must be an object of strings")
+        (_check_meta if kind == "meta" else _check_usage)(fields, export, where)
         setattr(export, kind, fields)
     elif kind == "state":
         export.state = _check_state(_blob(line, where), export, where)
@@ -192,6 +194,41 @@ def _read_line(export: ExportFile, line: dict, where: str) -> None:
     else:
         raise ImportFileError(f"{where}: unknown kind {kind!r}; expected meta, state, message, landmark, "
                               "chunk or usage")
+
+
+def _check_meta(fields: dict[str, str], export: ExportFile, where: str) -> None:
+    """Check the meta hash's fingerprint against the file's model and its times as numbers."""
+    try:
+        if "fingerprint" in fields:
+            _check_same_model(export, ModelFingerprint.model_validate_json(fields["fingerprint"]), where, "the meta hash")
+        for name in ("created", "updated"):
+            if name in fields:
+                _timestamp(fields[name])
+    except ValueError as error:
+        raise ImportFileError(f"{where}: invalid meta field ({str(error).splitlines()[0]}); the line was edited, "
+                              "so export the session again") from None
+
+
+def _timestamp(value: str) -> float:
+    """Return Unix seconds from a meta time: seconds, or ISO 8601 as the session store writes it."""
+    try:
+        return float(value)
+    except ValueError:
+        return datetime.fromisoformat(value).timestamp()
+
+
+def _check_usage(fields: dict[str, str], export: ExportFile, where: str) -> None:
+    """Check that every usage field is "<index>:injected" (an integer) or "<index>:mass" (a number >= 0)."""
+    for name, value in fields.items():
+        index, _, counter = name.partition(":")
+        try:
+            number = int(value) if counter == "injected" else float(value)
+            valid = index.isdigit() and counter in ("injected", "mass") and number >= 0
+        except ValueError:
+            valid = False
+        if not valid:
+            raise ImportFileError(f"{where}: invalid usage field {name!r}: {value!r}; expected '<index>:injected' "
+                                  "with an integer or '<index>:mass' with a number, so export the session again")
 
 
 def _blob(line: dict, where: str) -> bytes:
@@ -305,5 +342,6 @@ def _write_session_keys(inspector: Inspector, export: ExportFile) -> None:
     if export.usage:
         pipeline.hset(keys.usage(session_id), mapping=export.usage)
     pipeline.execute()
-    inspector.client.zadd(keys.sessions(), {session_id: time.time()})
+    updated = export.meta.get("updated")
+    inspector.client.zadd(keys.sessions(), {session_id: _timestamp(updated) if updated else time.time()})
     logger.info("imported session %r", session_id)

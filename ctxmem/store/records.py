@@ -128,8 +128,10 @@ class LandmarkRecord(StoredRecord):
     text: str  # source text of the chunk
     compression: str = Field(default="mean", pattern=r"^(mean|centroids:[1-9][0-9]*)$")
     centroids: PositiveInt = 1  # k: entries per layer and KV head
-    injected: NonNegativeInt = 0  # how many times the landmark was placed in a cache
-    attention_mass: float = Field(default=0.0, ge=0.0)  # attention it received, summed
+    # NOTE: kept at 0; the counts live in the session's usage hash (ctxmem.store.usage), so
+    # that a landmark's blob never changes once written.
+    injected: NonNegativeInt = 0
+    attention_mass: float = Field(default=0.0, ge=0.0)
 
     @model_validator(mode="after")
     def _compression_matches_k(self) -> LandmarkRecord:
