@@ -219,7 +219,10 @@ def test_chat_ends_cleanly_on_ctrl_c(redis_client):
             if line.startswith("cache "):
                 break
         process.send_signal(signal.SIGINT)  # while chat waits for the next line
-        rest, errors = process.communicate(timeout=60)
+        # stdin stays open, so only the signal can end the chat (communicate() would close it,
+        # and a chat that read that end of input first would never see Ctrl-C).
+        process.wait(timeout=60)
+        rest, errors = process.stdout.read(), process.stderr.read()
     finally:
         if process.poll() is None:
             process.kill()
