@@ -48,7 +48,9 @@ XFAIL = {
 }
 
 
-class TestChatCtxMemUnit(ChatModelUnitTests):
+class ReferenceChatModel:
+    """What both suites build: ChatCtxMem on the reference model, under this module's prefix."""
+
     @property
     def chat_model_class(self) -> type[ChatCtxMem]:
         return ChatCtxMem
@@ -57,19 +59,14 @@ class TestChatCtxMemUnit(ChatModelUnitTests):
     def chat_model_params(self) -> dict[str, Any]:
         return PARAMS
 
+
+class TestChatCtxMemUnit(ReferenceChatModel, ChatModelUnitTests):
     @property
     def init_from_env_params(self) -> tuple[dict, dict, dict]:
         return {"CTXMEM_REDIS_URL": REDIS_URL}, {"prefix": PREFIX}, {"redis_url": REDIS_URL}
 
 
-class TestChatCtxMemIntegration(ChatModelIntegrationTests):
-    @property
-    def chat_model_class(self) -> type[ChatCtxMem]:
-        return ChatCtxMem
-
-    @property
-    def chat_model_params(self) -> dict[str, Any]:
-        return PARAMS
+class TestChatCtxMemIntegration(ReferenceChatModel, ChatModelIntegrationTests):
 
     @property
     def supported_usage_metadata_details(self) -> dict[str, list]:
