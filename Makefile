@@ -42,6 +42,7 @@ benchmark: venv
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/landmark_quality.py
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/sessions.py
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/inspect_memory.py
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/extension.py
 
 clean:
 	rm -rf $(VENV) build

@@ -1,5 +1,6 @@
-"""The `ctxmem` command line: model information, generation, streaming, evaluation, chat and the demo.
-`inspect` and `report` (what the memory contains) are in ctxmem.cli_inspect.
+"""The `ctxmem` command line: model information, generation, streaming, evaluation, chat, the demo
+and context extension (`extend`, in ctxmem.cli_extend). `inspect` and `report` (what the memory
+contains) are in ctxmem.cli_inspect.
 
 Every command but `chat`, `report`, `inspect delete` and `inspect plot` takes `--json` for
 machine-readable output. Invalid input prints a one-line error naming the value and exits with
@@ -25,7 +26,7 @@ from rich.console import Console
 from rich.progress import Progress, TextColumn
 from rich.table import Table
 
-from ctxmem import cli_inspect
+from ctxmem import cli_extend, cli_inspect
 from ctxmem.config import PASS_KEY_METHODS, PERPLEXITY_METHODS
 from ctxmem.store.keys import DEFAULT_PREFIX
 
@@ -81,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_chat_parser(commands)
     _add_demo_parser(commands)
+    cli_extend.add_parser(commands)
     cli_inspect.add_parsers(commands)
     return parser
 
@@ -741,6 +743,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, Console], None]] = {
     "eval": run_measure,
     "chat": run_chat,
     "demo": run_demo,
+    "extend": cli_extend.run,
     **cli_inspect.COMMANDS,
 }
 
