@@ -9,17 +9,17 @@ length scored on sequences of that length in one forward pass (ctxmem.eval.lengt
    where no scaling is needed;
 2. without fine-tuning, PI, NTK-aware and YaRN with the factor matched to each length;
 3. PI and YaRN at factor 4, fine-tuned on 1,024-token spans of the training plays, measured at
-   4x (and 1x) after each step count of --steps, with a control run that fine-tunes the
-   unscaled model on 256-token spans, to separate adaptation to Shakespeare from adaptation
-   to the new positions;
+   4x (and 1x) after each step count of --steps. A control run fine-tunes the unscaled model on
+   256-token spans, which separates adaptation to Shakespeare from adaptation to the new
+   positions;
 4. the fine-tuning tokens each method needs to reach 1.05x the in-window perplexity (no
    scaling at 1x) at 4x, interpolated linearly between measured step counts; the same for 1.0x
    and 0.95x, and for the perplexity PI reaches at its last step count.
 
 Writes results/extension.json, results/extension_positions.png (perplexity against position)
 and results/extension_finetuning.png (perplexity at 4x against fine-tuning tokens). Run:
-`.venv/bin/python benchmarks/extension.py` (about 45 minutes on 1 thread of the 2-core
-development machine with the defaults).
+`.venv/bin/python benchmarks/extension.py` (56 minutes on 1 thread of the 2-core development
+machine, shared with other jobs, with the defaults).
 """
 
 from __future__ import annotations
