@@ -210,8 +210,9 @@ def test_chat_ends_cleanly_on_ctrl_c(redis_client):
     session = f"chat-{uuid.uuid4().hex[:8]}"
     command = CTXMEM + ["chat", "--session", session, "--redis", REDIS_URL, "--prefix", prefix,
                         "--max-new-tokens", "8"]
+    # A test run started in the background inherits SIGINT ignored; the chat must get the default.
     process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True)
+                               text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         process.stdin.write("Hello there\n")
         process.stdin.flush()
