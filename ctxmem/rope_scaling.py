@@ -176,7 +176,7 @@ def unscaled_trained_length(
         raise ValueError(
             f"model type {model_type!r} already uses RoPE scaling rope_type {rope_type!r} "
             f"(factor {parameters.get('factor')}), so RoPE scaling method {scaling.method!r} cannot "
-            "be added on top; use method 'none' to keep the model's own scaling"
+            "be added on top; keep the model's own scaling (--rope none), or start from the unscaled model"
         )
 
     trained_length = int(config.max_position_embeddings)
@@ -185,7 +185,7 @@ def unscaled_trained_length(
         raise ValueError(
             f"model type {model_type!r} is already extended from original_max_position_embeddings "
             f"{original} to max_position_embeddings {trained_length}, so RoPE scaling method "
-            f"{scaling.method!r} would compound it; use method 'none', or load the unscaled model"
+            f"{scaling.method!r} would compound it; keep its scaling (--rope none), or start from the unscaled model"
         )
     return trained_length
 
