@@ -307,8 +307,8 @@ class Session:
         """Yield the reply's raw text piece by piece, one piece per generated token.
 
         A piece may be empty while a multi-byte character is incomplete, or while the text may
-        be the start of a stop sequence; text held back that way comes as one more piece at the
-        end when no stop sequence completes. With `tools`, the reply's
+        be the start of a stop sequence. Text held back for a stop sequence that never completes
+        comes as one more piece at the end. With `tools`, the reply's
         tool calls are parsed (see ctxmem.toolcalls) and stored with ids, so that the caller can
         send them back as structured calls. `tool_choice` is "auto" (None), "none", "required"
         or a tool's name; the last two start the reply with the template's call opening.

@@ -30,8 +30,8 @@ _ARGUMENTS = {"ctxmem_probe_argument": 0}
 class ToolSyntax:
     """The text a template puts before a call's JSON (`open`) and after it (`close`).
 
-    `named` is the text that opens a call to the tool `{name}` up to its arguments; forcing a
-    reply to start with it makes the model call that tool.
+    `named` is the text that opens a call to the tool `{name}` up to its arguments. A reply forced
+    to start with it calls that tool.
     """
 
     open: str
@@ -108,7 +108,7 @@ class ToolChoice:
     """How one reply may use tools: the text forced at its start, banned ids, whether calls are parsed.
 
     NOTE: "required" with several tools forces only the call's opening, so the model picks the
-    name; and no choice constrains the arguments to the tool's schema.
+    name. No choice constrains the arguments to the tool's schema.
     NOTE: "none" bans the call's opening marker only where it is one token; elsewhere a call
     the model writes anyway stays in the reply's text.
     """

@@ -3,8 +3,9 @@
 Run: python examples/multi_session_chat.py            (three runs, each in a fresh Python process)
      python examples/multi_session_chat.py --turn N   (one run: turn N of both conversations)
 Offline, on the bundled reference model. Redis from $CTXMEM_REDIS_URL, else ctxmem's embedded
-server, whose data outlives the process. A run keeps no history of its own: it asks ChatCtxMem
-for the stored conversation, appends its question and replies; only the new message is encoded.
+server, whose data outlives the process. A run keeps no history of its own. It reads the stored
+conversation with ChatCtxMem.history, appends its question and replies, so only the new message
+is encoded.
 """
 
 from __future__ import annotations

@@ -49,7 +49,7 @@ def session_id() -> str:
     return f"lc-{uuid.uuid4().hex[:12]}"
 
 
-def test_systems_merge_and_roles_alternate_without_a_system_role(tmp_path, chat):
+def test_history_without_system_role(tmp_path, chat):
     """Case (a): [System, System(summary), Human, AI, Human] under a template with no system role."""
     folder = tmp_path / "alternating"
     shutil.copytree(REFERENCE_MODEL_DIR, folder)
@@ -69,7 +69,7 @@ def test_systems_merge_and_roles_alternate_without_a_system_role(tmp_path, chat)
     assert reply.usage_metadata["output_tokens"] > 0
 
 
-def test_empty_tool_call_message_then_tool_result_then_human(chat):
+def test_history_with_empty_tool_call(chat):
     """Case (b): an AI message with empty content and a tool call, its ToolMessage, then a Human message."""
     call = {"id": "call_1", "name": "clock", "args": {"city": "Oslo"}}
     history = [*QUESTION, AIMessage(content="", tool_calls=[call]), ToolMessage("12:30", tool_call_id="call_1"),
@@ -212,7 +212,7 @@ def test_rolled_back_turn_reads_nothing_from_memory(chat):
     assert metadata["encoded_tokens"] == usage["input_tokens"]
 
 
-def test_busy_session_is_not_retried_and_timeout_is_per_model(chat, redis_client, caplog):
+def test_busy_session_not_retried(chat, redis_client, caplog):
     client, prefix = redis_client
     sid = session_id()
     model = chat(session_id=sid, timeout=0.2, max_retries=2)

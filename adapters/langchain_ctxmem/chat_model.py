@@ -45,8 +45,8 @@ class ChatCtxMem(BaseChatModel):
     The session comes from, in order: a `session_id` call argument (`.bind(session_id=...)`),
     `config["configurable"]["session_id"]` or `["thread_id"]`, then the `session_id` field.
 
-    NOTE: turns on one model run one at a time, and a `stream()` holds the model until it is
-    exhausted or closed; close a stream you stop reading early.
+    NOTE: turns on one model run one at a time, and a `stream()` keeps the model's lock until it
+    is exhausted or closed. Close a stream that you stop reading early.
     """
 
     model_config = ConfigDict(arbitrary_types_allowed=True)

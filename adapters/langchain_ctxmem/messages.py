@@ -24,7 +24,7 @@ _ROLES = {"human": "user", "user": "user", "ai": "assistant", "assistant": "assi
 
 @dataclass(frozen=True)
 class TemplateRules:
-    """What a chat template accepts: a system role, two messages of one role in a row, a tool role."""
+    """The rules of a chat template: whether it accepts a system role, repeated roles and a tool role."""
 
     system: bool = True
     repeated_roles: bool = True
@@ -55,7 +55,7 @@ def to_chat_messages(messages: list[BaseMessage], rules: TemplateRules) -> list[
     """Return the history as chat-template dicts, reshaped to the template's rules.
 
     Leading system messages merge into one. Without a system role, system text opens the next
-    user message; without a tool role, a tool result becomes a user message; where roles must
+    user message. Without a tool role, a tool result becomes a user message. Where roles must
     alternate, neighbours of one role merge.
     """
     converted = [_convert(position, message, messages) for position, message in enumerate(messages)]
